@@ -1,0 +1,123 @@
+"""Command line: a thin layer over the library; each option maps to one keyword argument.
+
+Exit codes: 0 ok, 1 check failed, 2 bad input. Heavy imports (torch, transformers) happen inside commands,
+so `llava-convert --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+_PATH = click.Path(path_type=Path)
+
+
+class _Group(click.Group):
+    """Maps the project's exceptions to one-line messages and exit codes."""
+
+    def invoke(self, ctx):
+        from .errors import CheckFailed, LlavaConvertError
+
+        try:
+            return super().invoke(ctx)
+        except LlavaConvertError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except CheckFailed as e:
+            click.echo(f"Check failed: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llava-convert")
+def main() -> None:
+    """Convert original LLaVA checkpoints to Hugging Face format (and quantize, check, inspect them)."""
+
+
+def _echo_warnings(plan) -> None:
+    for w in plan.warnings:
+        click.echo(f"Warning: {w}", err=True)
+
+
+@main.command()
+@click.argument("source", type=_PATH)
+@click.argument("output", type=_PATH)
+@click.option("--vision-tower", type=_PATH, help="Local CLIP directory (default: the config's mm_vision_tower).")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True,
+    help="Output dtype; auto keeps the checkpoint's own.",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB.")
+@click.option("--chat-template", default=None, help="Authors' conversation mode (default: chosen from the name).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(source, output, vision_tower, dtype, max_shard_size, chat_template, dry_run, force, as_json, quiet):
+    """Convert the original checkpoint SOURCE into a Hugging Face directory OUTPUT."""
+    from .convert import convert as run
+
+    plan = run(
+        source, output, vision_tower=vision_tower, dtype=dtype, max_shard_size=max_shard_size,
+        chat_template=chat_template, dry_run=dry_run, force=force, progress=not quiet,
+    )
+    _echo_warnings(plan)
+    if dry_run:
+        _print_plan(plan, as_json)
+        return
+    s = plan.summary()
+    click.echo(
+        f"Wrote {output}: {s['target']}, {len(s['tensors'])} tensors, {s['total_bytes'] / 1e9:.2f} GB "
+        f"in {len(s['shards'])} shard(s), {s['dtype']}, chat template {s['chat_template']}"
+    )
+
+
+def _print_plan(plan, as_json: bool) -> None:
+    s = plan.summary()
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"{s['source']} -> {s['target']} ({s['form']}, {s['backbone']} backbone, {s['facts']})")
+    click.echo(f"vision tower: {s['vision_tower']}; dtype {s['dtype']}; chat template {s['chat_template']}")
+    v = s["vocab"]
+    click.echo(f"vocab: {v['original']} -> {v['padded']} (<image> = {v['image_token_id']}, <pad> = {v['pad_token_id']})")
+    for t in s["tensors"]:
+        src = ", ".join(t["source"]) or "(synthesized)"
+        tr = f" [{t['transform']}]" if t["transform"] else ""
+        click.echo(f"  {src} -> {t['target']}{tr} {t['dtype']} {tuple(t['shape'])} {t['shard']}")
+    for d in s["dropped"]:
+        click.echo(f"  {d['source']} -> (dropped, {d['rule']})")
+    click.echo(f"{len(s['tensors'])} tensors, {s['total_bytes'] / 1e9:.3f} GB, {len(s['shards'])} shard(s)")
+
+
+@main.command()
+@click.argument("source", type=_PATH)
+@click.option("--vision-tower", type=_PATH, help="Local CLIP directory (default: the config's mm_vision_tower).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(source, vision_tower, as_json):
+    """Describe SOURCE: detected family, files, folded config and the conversion plan."""
+    from .convert import plan_conversion
+
+    plan = plan_conversion(source, vision_tower=vision_tower)
+    _echo_warnings(plan)
+    s = plan.summary()
+    s["files"] = [str(p) for p in plan.source.weight_files]
+    s["config"] = plan.config
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"{s['source']}: original LLaVA checkpoint ({s['form']}), {s['backbone']} backbone")
+    click.echo(f"  facts: {s['facts']}")
+    click.echo(f"  weight files: {', '.join(Path(f).name for f in s['files'])}")
+    click.echo(f"  vision tower: {s['vision_tower']}")
+    click.echo(f"  converts to: {s['target']} (chat template {s['chat_template']})")
+    _print_plan(plan, False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

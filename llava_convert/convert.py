@@ -1,0 +1,255 @@
+"""`convert`: an original LLaVA checkpoint directory -> a Hugging Face llava / llava_next directory.
+
+Plan first (pure: names, shapes, dtypes, shards, validated against the target model), then stream.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import transforms
+from .errors import LlavaConvertError
+from .hfconfig import Vocab, llava_config, plan_vocab
+from .mapping import MapResult, PlanEntry, check_targets, load_table, map_tensors, raise_if
+from .processor import chat_template_name
+from .readers import TensorRef, read_checkpoint
+from .source import OriginalCheckpoint, VisionTower, find_vision_tower, open_original, read_json
+from .target import build_target
+from .writer import assign_shards, staged_output, write_shards
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+@dataclass
+class Plan:
+    """Everything `convert` will write, decided before any tensor is read."""
+
+    source: OriginalCheckpoint
+    tower: VisionTower
+    vocab: Vocab
+    config: dict[str, Any]
+    entries: list[PlanEntry]
+    index: dict[str, Any]
+    dtype: torch.dtype
+    chat_template: str
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return {
+            "architecture": self.source.architecture,
+            "projector": self.source.projector_type,
+            "vision_from": "checkpoint" if self.source.tower_in_checkpoint else "tower",
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source.path),
+            "form": self.source.form,
+            "backbone": self.source.backbone,
+            "facts": self.facts,
+            "target": self.config["architectures"][0],
+            "vision_tower": str(self.tower.path),
+            "vocab": {
+                "original": self.vocab.original,
+                "image_token_id": self.vocab.image_token_id,
+                "pad_token_id": self.vocab.pad_token_id,
+                "padded": self.vocab.padded,
+            },
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "chat_template": self.chat_template,
+            "total_bytes": self.index["metadata"]["total_size"],
+            "shards": sorted({e.shard for e in self.entries}),
+            "tensors": [e.describe() for e in self.entries],
+            "dropped": [{"source": k, "rule": r} for k, r in self.dropped],
+            "warnings": self.warnings,
+        }
+
+
+def _output_dtype(tensors: dict[str, TensorRef], dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        return tensors[EMBED_KEY].dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise LlavaConvertError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}") from None
+
+
+def plan_conversion(
+    source: Path,
+    *,
+    vision_tower: Path | None = None,
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    chat_template: str | None = None,
+) -> Plan:
+    """Plan the conversion of an original checkpoint, validating it completely; reads no tensor data.
+
+    Raises:
+        LlavaConvertError: bad input (missing files, unsupported configuration, unmapped keys, shape mismatches).
+    """
+    ckpt = open_original(Path(source))
+    tower = find_vision_tower(ckpt, Path(vision_tower) if vision_tower else None)
+    tensors = read_checkpoint(ckpt.path)
+    if EMBED_KEY not in tensors:
+        raise LlavaConvertError(f"{ckpt.path}: no {EMBED_KEY} in the checkpoint weights")
+    rows = tensors[EMBED_KEY].shape[0]
+    cfg_vocab = ckpt.config.get("vocab_size")
+    if cfg_vocab is not None and cfg_vocab != rows:
+        raise LlavaConvertError(
+            f"{ckpt.path / 'config.json'}: vocab_size {cfg_vocab} disagrees with {EMBED_KEY} "
+            f"{tuple(tensors[EMBED_KEY].shape)} in {tensors[EMBED_KEY].path.name}"
+        )
+    vocab = plan_vocab(rows)
+    out_dtype = _output_dtype(tensors, dtype)
+    config = llava_config(ckpt, tower, vocab)
+    config["dtype"] = config["torch_dtype"] = str(out_dtype).replace("torch.", "")
+
+    facts = {
+        "architecture": ckpt.architecture,
+        "projector": ckpt.projector_type,
+        "vision_from": "checkpoint" if ckpt.tower_in_checkpoint else "tower",
+    }
+    problems: list[str] = []
+    results: list[MapResult] = [map_tensors(tensors, load_table("llava.toml"), facts, problems)]
+    if not ckpt.tower_in_checkpoint:
+        tower_tensors = read_checkpoint(tower.path, origin="vision_tower", files=tower.weight_files)
+        results.append(map_tensors(tower_tensors, load_table("clip.toml"), facts, problems))
+    raise_if(problems)
+    entries = [e for r in results for e in r.entries]
+
+    target = build_target(config)
+    expected = target.expected_on_disk([e.target for e in entries])
+    ctx = {"vocab": vocab}
+    for e in entries:
+        src_shapes = [s.shape for s in e.sources]
+        try:
+            if e.transform:
+                e.shape = transforms.get(e.transform).shape(src_shapes, ctx, expected.get(e.target))
+            else:
+                e.shape = src_shapes[0]
+        except LlavaConvertError as err:
+            src = e.sources[0] if e.sources else None
+            where = f"{src.name} in {src.path.name}" if src else e.target
+            problems.append(f"{where} ({e.rule}): {err}")
+            continue
+        floating = not e.sources or e.sources[0].dtype.is_floating_point
+        e.dtype = out_dtype if floating else e.sources[0].dtype
+    raise_if(problems)
+    raise_if(check_targets(entries, expected, target.class_name))
+
+    index = assign_shards(entries, max_shard_size)
+    return Plan(
+        source=ckpt,
+        tower=tower,
+        vocab=vocab,
+        config=config,
+        entries=entries,
+        index=index,
+        dtype=out_dtype,
+        chat_template=chat_template_name(ckpt, chat_template),
+        dropped=[d for r in results for d in r.dropped],
+        warnings=[w for r in results for w in r.warnings],
+    )
+
+
+def compute_entry(e: PlanEntry, ctx: dict[str, Any]) -> torch.Tensor:
+    """One output tensor, materialised: read, transform, cast."""
+    tensors = [s.load() for s in e.sources]
+    if e.transform:
+        t = transforms.get(e.transform).apply(tensors, ctx, e.shape)
+    else:
+        (t,) = tensors
+    return t.to(e.dtype).contiguous() if t.dtype != e.dtype else t.contiguous()
+
+
+def _generation_config(plan: Plan) -> dict[str, Any]:
+    src = plan.source.path / "generation_config.json"
+    gen = read_json(src) if src.is_file() else {}
+    text = plan.config["text_config"]
+    gen.setdefault("bos_token_id", text.get("bos_token_id"))
+    gen.setdefault("eos_token_id", text.get("eos_token_id"))
+    gen["pad_token_id"] = plan.vocab.pad_token_id
+    gen.pop("transformers_version", None)
+    return gen
+
+
+def write_metadata(plan: Plan, out: Path) -> None:
+    """config.json, generation_config.json, tokenizer and processor files."""
+    from .processor import build_processor
+
+    (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(_generation_config(plan), indent=2) + "\n")
+    processor = build_processor(plan.source, plan.tower, plan.vocab, plan.config, chat_template=plan.chat_template)
+    processor.save_pretrained(str(out))
+
+
+def execute(plan: Plan, output: Path, *, force: bool = False, progress: bool = True) -> Path:
+    """Write a planned conversion to OUTPUT atomically."""
+    from tqdm import tqdm
+
+    output = Path(output)
+    total = plan.index["metadata"]["total_size"]
+    ctx = {"vocab": plan.vocab}
+    with staged_output(output, force=force) as staging:
+        # Tokenizer and processor first: they fail fast on a bad tokenizer, before gigabytes are written.
+        write_metadata(plan, staging)
+        with tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+            file=sys.stderr, disable=not progress, leave=False,
+        ) as bar:
+            write_shards(plan.entries, staging, lambda e: compute_entry(e, ctx), bar.update)
+        shards = {e.shard for e in plan.entries}
+        if len(shards) > 1:
+            (staging / "model.safetensors.index.json").write_text(json.dumps(plan.index, indent=2) + "\n")
+    return output
+
+
+def convert(
+    source: Path | str,
+    output: Path | str,
+    *,
+    vision_tower: Path | str | None = None,
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    chat_template: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> Plan:
+    """Convert an original LLaVA checkpoint directory to a Hugging Face directory.
+
+    Args:
+        source: the original checkpoint directory (config.json with mm_* fields, weights, tokenizer).
+        output: directory to create; written atomically (a failed run leaves nothing behind).
+        vision_tower: local CLIP directory; default: the config's `mm_vision_tower` when it is a local path.
+        dtype: "auto" (the checkpoint's own), "float16", "bfloat16" or "float32".
+        max_shard_size: largest shard, e.g. "5GB" or a byte count.
+        chat_template: one of the authors' conversation modes; default: the authors' choice for the name.
+        dry_run: plan and validate only; write nothing.
+        force: replace an existing OUTPUT.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The executed (or, with `dry_run`, only validated) `Plan`.
+
+    Raises:
+        LlavaConvertError: bad input; nothing is written.
+
+    Example:
+        >>> convert("llava-v1.5-7b", "llava-1.5-7b-hf", vision_tower="clip-vit-large-patch14-336")
+    """
+    plan = plan_conversion(
+        Path(source), vision_tower=vision_tower, dtype=dtype, max_shard_size=max_shard_size, chat_template=chat_template
+    )
+    if not dry_run:
+        execute(plan, Path(output), force=force, progress=progress)
+    return plan

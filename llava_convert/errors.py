@@ -1,0 +1,29 @@
+"""Exceptions with the exit codes the CLI maps them to."""
+
+from __future__ import annotations
+
+
+class LlavaConvertError(Exception):
+    """Bad input: a file, key or option the user can fix. The CLI prints it on one line and exits 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        # One line: a user reads it in a terminal, CI greps it.
+        super().__init__(" ".join(str(message).split("\n")))
+
+
+class MappingError(LlavaConvertError):
+    """The mapping tables do not account for the checkpoint (unmapped, ambiguous, duplicate or misshapen keys)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = sorted(problems)
+        shown = "; ".join(self.problems[:8])
+        more = f"; and {len(self.problems) - 8} more" if len(self.problems) > 8 else ""
+        super().__init__(f"{len(self.problems)} mapping problem(s): {shown}{more}")
+
+
+class CheckFailed(Exception):
+    """A parity check ran and found disagreement. The CLI exits 1."""
+
+    exit_code = 1

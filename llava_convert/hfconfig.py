@@ -1,0 +1,175 @@
+"""Fold an original LLaVA config (+ its CLIP tower's) into Hugging Face `LlavaConfig` / `LlavaNextConfig`."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import LlavaConvertError
+from .source import OriginalCheckpoint, VisionTower
+
+VOCAB_MULTIPLE = 64
+
+# Fields of the authors' config that describe the multimodal wiring or training, not the language model.
+_NOT_TEXT = {
+    "architectures",
+    "model_type",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "freeze_mm_mlp_adapter",
+    "freeze_mm_vision_resampler",
+    "tune_mm_mlp_adapter",
+    "tune_mm_vision_resampler",
+    "use_mm_proj",
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "image_crop_resolution",
+    "image_split_resolution",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "unfreeze_mm_vision_tower",
+}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Token-id layout of the converted model."""
+
+    original: int  # rows in the original embedding matrix
+    image_token_id: int
+    pad_token_id: int
+    padded: int  # rows after padding to VOCAB_MULTIPLE
+
+
+def plan_vocab(original_rows: int) -> Vocab:
+    image = original_rows
+    pad = original_rows + 1
+    padded = -(-(original_rows + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return Vocab(original_rows, image, pad, padded)
+
+
+def _init_fields(cls) -> set[str]:
+    return {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
+
+
+def text_config(ckpt: OriginalCheckpoint, vocab: Vocab) -> dict[str, Any]:
+    """The language model's config as the HF class for its backbone builds it, plus 4.x-readable rope fields."""
+    from transformers import LlamaConfig, MistralConfig
+
+    cls = MistralConfig if ckpt.backbone == "mistral" else LlamaConfig
+    allowed = _init_fields(cls) | {"rope_theta", "rope_scaling"}
+    fields = {
+        k: v
+        for k, v in ckpt.config.items()
+        if k in allowed and k not in _NOT_TEXT and not k.startswith("mm_") and v is not None
+    }
+    fields["vocab_size"] = vocab.padded
+    fields["pad_token_id"] = vocab.pad_token_id
+    fields["tie_word_embeddings"] = bool(ckpt.config.get("tie_word_embeddings", False))
+    if ckpt.backbone == "mistral":
+        # MistralConfig defaults sliding_window to 4096; the original has it as it was trained (often null).
+        fields["sliding_window"] = ckpt.config.get("sliding_window")
+    try:
+        cfg = cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise LlavaConvertError(f"{ckpt.path / 'config.json'}: cannot build {cls.__name__} ({e})") from None
+    out = cfg.to_dict()
+    # transformers 4.x reads rope_theta / rope_scaling at the top level; 5.x reads rope_parameters.
+    out["rope_theta"] = float(ckpt.config.get("rope_theta", 10000.0))
+    if ckpt.config.get("rope_scaling") is not None:
+        out["rope_scaling"] = ckpt.config["rope_scaling"]
+    for k in ("id2label", "label2id"):
+        out.pop(k, None)
+    return out
+
+
+def vision_config(tower: VisionTower) -> dict[str, Any]:
+    from transformers import CLIPVisionConfig
+
+    allowed = _init_fields(CLIPVisionConfig)
+    fields = {k: v for k, v in tower.config.items() if k in allowed}
+    out = CLIPVisionConfig(**fields).to_dict()
+    for k in ("id2label", "label2id"):
+        out.pop(k, None)
+    return out
+
+
+def feature_strategy(ckpt: OriginalCheckpoint) -> str:
+    select = ckpt.config.get("mm_vision_select_feature", "patch")
+    if select == "patch":
+        return "default"
+    if select == "cls_patch":
+        return "full"
+    raise LlavaConvertError(f"{ckpt.path / 'config.json'}: unknown mm_vision_select_feature {select!r}")
+
+
+def image_seq_length(vision: dict[str, Any], strategy: str) -> int:
+    n = (vision["image_size"] // vision["patch_size"]) ** 2
+    return n + (1 if strategy == "full" else 0)
+
+
+def check_next_supported(ckpt: OriginalCheckpoint, vision: dict[str, Any]) -> None:
+    """Combinations the authors' code runs but LlavaNext cannot express: refuse before writing anything."""
+    cfg_path = ckpt.path / "config.json"
+    merge = ckpt.config.get("mm_patch_merge_type", "flat")
+    if merge != "spatial_unpad":
+        raise LlavaConvertError(
+            f"{cfg_path}: image_aspect_ratio 'anyres' with mm_patch_merge_type {merge!r} is not supported: "
+            "LlavaNext always merges tiles spatially, unpads them and appends image_newline ('spatial_unpad')"
+        )
+    pins = ckpt.config.get("image_grid_pinpoints")
+    if not pins:
+        raise LlavaConvertError(f"{cfg_path}: image_aspect_ratio 'anyres' without image_grid_pinpoints")
+    size = vision["image_size"]
+    bad = [p for p in pins if p[0] % size or p[1] % size]
+    if bad:
+        raise LlavaConvertError(
+            f"{cfg_path}: image_grid_pinpoints {bad} are not multiples of the vision tower's image size "
+            f"{size}; LlavaNext tiles images into whole {size}x{size} crops"
+        )
+
+
+def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> dict[str, Any]:
+    """The full HF config dict (`LlavaConfig` or `LlavaNextConfig`), validated by building the class."""
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    text = text_config(ckpt, vocab)
+    vision = vision_config(tower)
+    strategy = feature_strategy(ckpt)
+    projector = ckpt.projector_type
+    mm_hidden = ckpt.config.get("mm_hidden_size")
+    if mm_hidden is not None and mm_hidden != vision["hidden_size"]:
+        raise LlavaConvertError(
+            f"{ckpt.path / 'config.json'}: mm_hidden_size {mm_hidden} does not match the vision tower's "
+            f"hidden_size {vision['hidden_size']} ({tower.path})"
+        )
+    common = dict(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=vocab.image_token_id,
+        projector_hidden_act="linear" if projector == "linear" else "gelu",
+        vision_feature_layer=int(ckpt.config.get("mm_vision_select_layer", -2)),
+        vision_feature_select_strategy=strategy,
+        image_seq_length=image_seq_length(vision, strategy),
+        multimodal_projector_bias=True,
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    if ckpt.architecture == "llava_next":
+        check_next_supported(ckpt, vision)
+        cfg = LlavaNextConfig(image_grid_pinpoints=ckpt.config["image_grid_pinpoints"], **common)
+        arch = "LlavaNextForConditionalGeneration"
+    else:
+        cfg = LlavaConfig(**common)
+        arch = "LlavaForConditionalGeneration"
+    cfg.architectures = [arch]
+    out = cfg.to_dict()
+    out["text_config"] = text
+    out["vision_config"] = vision
+    out["pad_token_id"] = vocab.pad_token_id
+    for k in ("id2label", "label2id"):
+        out.pop(k, None)
+    return out

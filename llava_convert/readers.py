@@ -1,0 +1,344 @@
+"""Lazy readers for checkpoint files: names, dtypes, shapes and byte ranges, no tensor materialised.
+
+Both formats store each tensor's bytes uncompressed at a known offset, so a reader can tell the writer
+"these bytes, in this file" and most tensors go from source to output by a kernel copy
+(`os.copy_file_range`), never passing through Python objects. `torch.load(mmap=True)` gives lazy tensors
+but not their file offsets, so `.bin` files are read with a restricted unpickler (an allow-list of the
+classes a state dict needs, nothing else is ever constructed) over `zipfile`'s directory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import LlavaConvertError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+_TORCH_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class _Mmaps:
+    """One read-only mapping per file, shared by every tensor in it. Page-cache backed, not anonymous memory."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def get(self, path: Path) -> mmap.mmap:
+        mm = self._maps.get(path)
+        if mm is None:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = mm
+        return mm
+
+
+_MMAPS = _Mmaps()
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor inside a checkpoint file, located but not read.
+
+    `offset` is the absolute file offset of the first element of the tensor's storage view;
+    `contiguous` tells whether the tensor is the plain byte range `[offset, offset + nbytes)`.
+    """
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    stride: tuple[int, ...] | None = None
+    storage_numel: int | None = None
+    origin: str = field(default="", compare=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+    @property
+    def contiguous(self) -> bool:
+        if self.stride is None:
+            return True
+        expected, acc = [], 1
+        for s in reversed(self.shape):
+            expected.append(acc)
+            acc *= s
+        return all(st == ex for st, ex, sz in zip(self.stride, reversed(expected), self.shape) if sz != 1)
+
+    def load(self) -> torch.Tensor:
+        """The tensor as a read-only view over the file mapping (no copy for contiguous tensors)."""
+        mm = _MMAPS.get(self.path)
+        with warnings.catch_warnings():
+            # The mapping is read-only; every caller copies or casts before writing.
+            warnings.simplefilter("ignore", UserWarning)
+            if self.contiguous:
+                if self.numel == 0:
+                    return torch.empty(self.shape, dtype=self.dtype)
+                t = torch.frombuffer(mm, dtype=self.dtype, count=self.numel, offset=self.offset)
+                return t.reshape(self.shape)
+            count = self.storage_numel
+            t = torch.frombuffer(mm, dtype=self.dtype, count=count, offset=self.offset)
+            return t.as_strided(self.shape, self.stride)
+
+
+def read_safetensors(path: Path, origin: str = "") -> dict[str, TensorRef]:
+    """Parse a safetensors header into `TensorRef`s, validating every range against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LlavaConvertError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise LlavaConvertError(f"{path}: corrupt or truncated safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LlavaConvertError(f"{path}: corrupt safetensors header ({e})") from None
+    base = 8 + n
+    out: dict[str, TensorRef] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise LlavaConvertError(f"{path}: tensor {name!r} has an unreadable header entry {info!r}") from None
+        ref = TensorRef(name, path, dtype, shape, base + start, origin=origin)
+        if end - start != ref.nbytes or base + end > size:
+            raise LlavaConvertError(
+                f"{path}: tensor {name!r} lies outside the file or disagrees with its shape "
+                "(truncated or corrupt file)"
+            )
+        out[name] = ref
+    return out
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Unpickles a torch state dict into `TensorRef`s. Only the classes a state dict needs are allowed."""
+
+    def __init__(self, file, path: Path, storage_offsets: dict[str, int], origin: str):
+        super().__init__(file)
+        self._path = path
+        self._storage_offsets = storage_offsets
+        self._origin = origin
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return self._rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, requires_grad, backward_hooks, *a: data
+        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+            return _TORCH_STORAGE_DTYPES[name]
+        if module == "torch" and name in ("float16", "float32", "bfloat16", "float64"):
+            return getattr(torch, name)
+        raise LlavaConvertError(
+            f"{self._path}: refusing to unpickle {module}.{name}; a weights file should hold only tensors "
+            "(re-save it as a plain state dict)"
+        )
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise LlavaConvertError(f"{self._path}: unexpected persistent id {pid!r}")
+        _, dtype, key, _location, numel = pid[:5]
+        if not isinstance(dtype, torch.dtype):
+            raise LlavaConvertError(f"{self._path}: unsupported storage type {dtype!r}")
+        return _StorageRef(str(key), dtype, int(numel))
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride, *args):
+        if storage.key not in self._storage_offsets:
+            raise LlavaConvertError(f"{self._path}: storage {storage.key} is missing (truncated or corrupt file)")
+        itemsize = dtype_size(storage.dtype)
+        return TensorRef(
+            name="",
+            path=self._path,
+            dtype=storage.dtype,
+            shape=tuple(size),
+            offset=self._storage_offsets[storage.key] + storage_offset * itemsize,
+            stride=tuple(stride),
+            storage_numel=storage.numel - storage_offset,
+            origin=self._origin,
+        )
+
+
+def read_torch_bin(path: Path, origin: str = "") -> dict[str, TensorRef]:
+    """Read a `torch.save` zip file (what `pytorch_model*.bin` is) into `TensorRef`s without loading data."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic == b"\x80\x02":
+            raise LlavaConvertError(
+                f"{path}: legacy (pre-1.6) torch.save format; re-save it with a current torch"
+            ) from None
+        raise LlavaConvertError(f"{path}: not a torch checkpoint or truncated (bad zip archive)") from None
+    with zf:
+        names = zf.namelist()
+        pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            raise LlavaConvertError(f"{path}: not a torch checkpoint (no data.pkl)")
+        prefix = pkl[0][: -len("data.pkl")]
+        offsets: dict[str, int] = {}
+        size = path.stat().st_size
+        with open(path, "rb") as raw:
+            for info in zf.infolist():
+                if not info.filename.startswith(prefix + "data/"):
+                    continue
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise LlavaConvertError(f"{path}: compressed tensor data is not supported")
+                raw.seek(info.header_offset)
+                local = raw.read(30)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise LlavaConvertError(f"{path}: corrupt zip entry {info.filename}")
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                start = info.header_offset + 30 + name_len + extra_len
+                if start + info.file_size > size:
+                    raise LlavaConvertError(f"{path}: truncated (entry {info.filename} runs past the end)")
+                offsets[info.filename[len(prefix) + 5 :]] = start
+        try:
+            with zf.open(pkl[0]) as f:
+                obj = _StateDictUnpickler(f, path, offsets, origin).load()
+        except LlavaConvertError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+            raise LlavaConvertError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise LlavaConvertError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    out: dict[str, TensorRef] = {}
+    for name, ref in obj.items():
+        if not isinstance(ref, TensorRef):
+            raise LlavaConvertError(f"{path}: entry {name!r} is not a tensor")
+        end = ref.offset + (ref.storage_numel or 0) * dtype_size(ref.dtype)
+        if end > size:
+            raise LlavaConvertError(f"{path}: tensor {name!r} runs past the end of the file (truncated)")
+        out[name] = TensorRef(name, ref.path, ref.dtype, ref.shape, ref.offset, ref.stride, ref.storage_numel, origin)
+    return out
+
+
+def read_weight_file(path: Path, origin: str = "") -> dict[str, TensorRef]:
+    if not path.is_file():
+        raise LlavaConvertError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, origin)
+    return read_torch_bin(path, origin)
+
+
+WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, from its index when it has one.
+
+    Index files are validated before any shard is opened: shard names must be plain relative names
+    inside the directory and every shard must exist.
+    """
+    for index_name in WEIGHT_INDEX_NAMES:
+        index = directory / index_name
+        if not index.is_file():
+            continue
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise LlavaConvertError(f"{index}: unreadable index ({e})") from None
+        files = []
+        for shard in shards:
+            p = Path(shard)
+            if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
+                raise LlavaConvertError(f"{index}: shard name {shard!r} must be a file name inside {directory}")
+            if not (directory / p).is_file():
+                raise LlavaConvertError(f"{index}: shard {shard} is listed but missing from {directory}")
+            files.append(directory / p)
+        return files
+    for single in WEIGHT_SINGLE_NAMES:
+        if (directory / single).is_file():
+            return [directory / single]
+    found = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if found:
+        return found
+    raise LlavaConvertError(f"{directory}: no weights found (expected *.safetensors or pytorch_model*.bin)")
+
+
+def read_checkpoint(directory: Path, origin: str = "", files: list[Path] | None = None) -> dict[str, TensorRef]:
+    """All tensors of a checkpoint directory. Keys listed in an index must be in the shard it names."""
+    files = files if files is not None else weight_files(directory)
+    out: dict[str, TensorRef] = {}
+    for f in files:
+        for name, ref in read_weight_file(f, origin).items():
+            if name in out:
+                raise LlavaConvertError(f"{f}: tensor {name!r} also appears in {out[name].path.name}")
+            out[name] = ref
+    for index_name in WEIGHT_INDEX_NAMES:
+        index = directory / index_name
+        if index.is_file() and files and files[0].parent == directory:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            for name, shard in weight_map.items():
+                if name not in out or out[name].path.name != shard:
+                    raise LlavaConvertError(f"{index}: tensor {name!r} is not in shard {shard}")
+            break
+    return out
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

@@ -1,0 +1,220 @@
+"""Seeded tiny original-format LLaVA checkpoints, written directly (no authors' code needed).
+
+Used by the fast tests (readers, mapping strictness, writer, CLI errors). The oracle tier builds its
+checkpoints with the authors' own code instead (tests/oracle/make_reference.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SPM = Path(__file__).parent / "fixtures" / "spm" / "tiny.model"
+VOCAB = 400
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+KV_HEADS = 2
+INTER = 128
+V_HIDDEN = 32
+V_LAYERS = 3
+V_INTER = 64
+IMAGE = 28
+PATCH = 14
+
+
+def _rand(gen: torch.Generator, *shape: int, std: float = 0.2) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * std).to(torch.float16)
+
+
+def clip_vision_state(gen: torch.Generator, prefix: str = "vision_model.") -> dict[str, torch.Tensor]:
+    n_pos = (IMAGE // PATCH) ** 2 + 1
+    sd = {
+        "embeddings.class_embedding": _rand(gen, V_HIDDEN),
+        "embeddings.patch_embedding.weight": _rand(gen, V_HIDDEN, 3, PATCH, PATCH),
+        "embeddings.position_embedding.weight": _rand(gen, n_pos, V_HIDDEN),
+        "pre_layrnorm.weight": torch.ones(V_HIDDEN, dtype=torch.float16),
+        "pre_layrnorm.bias": _rand(gen, V_HIDDEN),
+        "post_layernorm.weight": torch.ones(V_HIDDEN, dtype=torch.float16),
+        "post_layernorm.bias": _rand(gen, V_HIDDEN),
+    }
+    for i in range(V_LAYERS):
+        p = f"encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[p + f"self_attn.{proj}.weight"] = _rand(gen, V_HIDDEN, V_HIDDEN)
+            sd[p + f"self_attn.{proj}.bias"] = _rand(gen, V_HIDDEN)
+        for ln in ("layer_norm1", "layer_norm2"):
+            sd[p + f"{ln}.weight"] = torch.ones(V_HIDDEN, dtype=torch.float16)
+            sd[p + f"{ln}.bias"] = _rand(gen, V_HIDDEN)
+        sd[p + "mlp.fc1.weight"] = _rand(gen, V_INTER, V_HIDDEN)
+        sd[p + "mlp.fc1.bias"] = _rand(gen, V_INTER)
+        sd[p + "mlp.fc2.weight"] = _rand(gen, V_HIDDEN, V_INTER)
+        sd[p + "mlp.fc2.bias"] = _rand(gen, V_HIDDEN)
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def write_clip(path: Path, seed: int = 1) -> Path:
+    """A tiny CLIP vision tower directory: config, preprocessor config, safetensors weights."""
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = {
+        "model_type": "clip_vision_model",
+        "architectures": ["CLIPVisionModel"],
+        "hidden_size": V_HIDDEN,
+        "intermediate_size": V_INTER,
+        "num_hidden_layers": V_LAYERS,
+        "num_attention_heads": 4,
+        "image_size": IMAGE,
+        "patch_size": PATCH,
+        "projection_dim": 16,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    }
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    pre = {
+        "crop_size": IMAGE,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "size": IMAGE,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    save_file(clip_vision_state(gen), str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def llm_state(gen: torch.Generator, *, vocab: int = VOCAB, projector: str = "mlp2x_gelu") -> dict[str, torch.Tensor]:
+    head_dim = HIDDEN // HEADS
+    sd = {"model.embed_tokens.weight": _rand(gen, vocab, HIDDEN), "model.norm.weight": torch.ones(HIDDEN, dtype=torch.float16)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = _rand(gen, HIDDEN, HIDDEN)
+        sd[p + "self_attn.k_proj.weight"] = _rand(gen, KV_HEADS * head_dim, HIDDEN)
+        sd[p + "self_attn.v_proj.weight"] = _rand(gen, KV_HEADS * head_dim, HIDDEN)
+        sd[p + "self_attn.o_proj.weight"] = _rand(gen, HIDDEN, HIDDEN)
+        sd[p + "mlp.gate_proj.weight"] = _rand(gen, INTER, HIDDEN)
+        sd[p + "mlp.up_proj.weight"] = _rand(gen, INTER, HIDDEN)
+        sd[p + "mlp.down_proj.weight"] = _rand(gen, HIDDEN, INTER)
+        sd[p + "input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.float16)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.float16)
+    sd["lm_head.weight"] = _rand(gen, vocab, HIDDEN)
+    if projector == "mlp2x_gelu":
+        sd["model.mm_projector.0.weight"] = _rand(gen, HIDDEN, V_HIDDEN)
+        sd["model.mm_projector.0.bias"] = _rand(gen, HIDDEN)
+        sd["model.mm_projector.2.weight"] = _rand(gen, HIDDEN, HIDDEN)
+        sd["model.mm_projector.2.bias"] = _rand(gen, HIDDEN)
+    elif projector == "linear":
+        sd["model.mm_projector.weight"] = _rand(gen, HIDDEN, V_HIDDEN)
+        sd["model.mm_projector.bias"] = _rand(gen, HIDDEN)
+    return sd
+
+
+def original_config(clip: Path, *, projector: str = "mlp2x_gelu", **overrides) -> dict:
+    cfg = {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "vocab_size": VOCAB,
+        "use_cache": True,
+        "image_aspect_ratio": "pad",
+        "mm_hidden_size": V_HIDDEN,
+        "mm_projector_type": projector,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": str(clip),
+        "tune_mm_mlp_adapter": False,
+        "unfreeze_mm_vision_tower": False,
+        "use_mm_proj": True,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_tokenizer(path: Path) -> None:
+    shutil.copy(SPM, path / "tokenizer.model")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": None,
+                "legacy": False,
+                "model_max_length": 2048,
+                "padding_side": "right",
+                "tokenizer_class": "LlamaTokenizer",
+            }
+        )
+    )
+    (path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"})
+    )
+
+
+def write_original(
+    root: Path,
+    name: str = "llava-v1.5-tiny",
+    *,
+    fmt: str = "bin",
+    shards: int = 2,
+    projector: str = "mlp2x_gelu",
+    state: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    **config_overrides,
+) -> Path:
+    """Write a tiny original checkpoint (and its CLIP tower at ROOT/clip) and return its directory."""
+    clip = root / "clip"
+    if not clip.exists():
+        write_clip(clip)
+    ckpt = root / name
+    ckpt.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    sd = state if state is not None else llm_state(gen, projector=projector)
+    (ckpt / "config.json").write_text(json.dumps(original_config(clip, projector=projector, **config_overrides), indent=2))
+    write_tokenizer(ckpt)
+    write_state(ckpt, sd, fmt=fmt, shards=shards)
+    return ckpt
+
+
+def write_state(ckpt: Path, sd: dict[str, torch.Tensor], *, fmt: str, shards: int) -> None:
+    names = list(sd)
+    groups = [names[i::shards] for i in range(shards)]
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" if shards > 1 else f"{stem}.{ext}"
+        part = {k: sd[k].contiguous() for k in group}
+        if fmt == "safetensors":
+            save_file(part, str(ckpt / fname), metadata={"format": "pt"})
+        else:
+            torch.save(part, ckpt / fname)
+        weight_map.update({k: fname for k in group})
+    if shards > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in sd.values())}, "weight_map": weight_map}
+        (ckpt / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,54 @@
+"""Shared fixtures: seeded tiny checkpoints, and the oracle tier's references made by the authors' code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "oracle"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def oracle_python() -> Path:
+    """The isolated venv with the authors' code (llava-torch + transformers 4.36.2); see .ci/run."""
+    return Path(os.environ.get("LLAVA_ORACLE_PYTHON", REPO / ".venv-oracle" / "bin" / "python"))
+
+
+@pytest.fixture(scope="session")
+def oracle_root(tmp_path_factory) -> Path:
+    """Build every oracle case once per session with the authors' code and return the root folder."""
+    py = oracle_python()
+    if not py.exists():
+        pytest.fail(
+            f"oracle interpreter {py} not found: run .ci/run (or set LLAVA_ORACLE_PYTHON), "
+            "or deselect this tier with -m 'not oracle'"
+        )
+    root = tmp_path_factory.mktemp("oracle")
+    proc = subprocess.run(
+        [str(py), str(HERE / "oracle" / "make_reference.py"), "--out", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"make_reference.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def oracle_case(oracle_root):
+    def get(name: str) -> Path:
+        path = oracle_root / name
+        assert (path / "reference.pt").is_file(), f"oracle case {name} was not built"
+        return path
+
+    return get
