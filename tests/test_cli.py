@@ -233,3 +233,19 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         conv.convert(ckpt, out, progress=False)
     _no_output(tmp_path, out)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"mm_patch_merge_type": "flat"}, "mm_patch_merge_type 'flat' is not supported"),
+        ({"mm_patch_merge_type": "spatial"}, "mm_patch_merge_type 'spatial' is not supported"),
+        ({"image_grid_pinpoints": [[28, 56], [30, 60]]}, "image_grid_pinpoints [[30, 60]] are not multiples"),
+    ],
+)
+def test_next_combinations_hf_cannot_express(tmp_path, overrides, needle):
+    cfg = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": [[28, 56], [56, 28]]}
+    cfg.update(overrides)
+    ckpt = write_original(tmp_path, name="llava-v1.6-vicuna-tiny", **cfg)
+    msg = _error(tmp_path, ckpt)
+    assert needle in msg

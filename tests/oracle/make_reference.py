@@ -480,6 +480,12 @@ def make_reference(case: str, ckpt_dir: Path) -> dict:
     }
     # fp16 -> fp32 is exact; run the authors' graph in float32 so the reference is precise.
     model = model.float().eval()
+    # The rotary cos/sin caches were built while the builder's torch_dtype=float16 was the default
+    # dtype, so they hold fp16-rounded values that .float() cannot restore (~1e-2 logit error).
+    # Rebuild them in float32, as a float32 load of the same checkpoint would have them.
+    for module in model.modules():
+        if hasattr(module, "_set_cos_sin_cache") and hasattr(module, "max_seq_len_cached"):
+            module._set_cos_sin_cache(module.max_seq_len_cached, module.inv_freq.device, torch.float32)
     assert model.lm_head.weight.shape[0] == len(tokenizer), "unexpected vocab resize"
 
     conv_mode = conv_mode_for(model_name)

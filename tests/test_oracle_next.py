@@ -1,0 +1,53 @@
+"""Oracle tier for LLaVA-NeXT (v1.6): anyres tiling, image_newline, the checkpoint's fine-tuned tower."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from parity import assert_parity
+from safetensors import safe_open
+
+from llava_convert.convert import convert
+
+pytestmark = [pytest.mark.oracle, pytest.mark.slow]
+
+
+def _checkpoint(case_dir):
+    (ckpt,) = [p for p in case_dir.iterdir() if p.is_dir() and p.name.startswith("llava")]
+    return ckpt
+
+
+@pytest.mark.parametrize(("case", "template"), [("v16_mistral", "mistral_instruct"), ("v16_vicuna", "llava_v1")])
+def test_next_matches_authors(oracle_case, tmp_path, case, template):
+    case_dir = oracle_case(case)
+    out = tmp_path / "hf"
+    plan = convert(_checkpoint(case_dir), out, dtype="float32", progress=False)
+    assert plan.chat_template == template
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaNextForConditionalGeneration"]
+    assert cfg["model_type"] == "llava_next"
+    assert cfg["image_grid_pinpoints"] == [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+    report = assert_parity(out, case_dir)
+    # The three aspect ratios pick three different grids.
+    assert len({r["num_image_tokens"] for r in report.values()}) == 3
+
+
+def test_next_uses_checkpoint_tower_not_stock_clip(oracle_case, tmp_path):
+    """v1.6 fine-tunes the tower: the converted weights are the checkpoint's, not clip/'s."""
+    case_dir = oracle_case("v16_mistral")
+    ckpt = _checkpoint(case_dir)
+    out = tmp_path / "hf"
+    convert(ckpt, out, progress=False)
+    key = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    src_key = "model.vision_tower.vision_tower." + key
+    with safe_open(str(ckpt / index[src_key]), "pt") as f:
+        tuned = f.get_tensor(src_key)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        got = f.get_tensor("vision_tower." + key)
+    assert (got == tuned).all()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["model_type"] == "mistral"
+    assert cfg["text_config"]["sliding_window"] is None
+    assert cfg["text_config"]["num_key_value_heads"] < cfg["text_config"]["num_attention_heads"]
