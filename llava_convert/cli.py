@@ -119,5 +119,9 @@ def inspect(source, vision_tower, as_json):
     _print_plan(plan, False)
 
 
+from .cli_check import check  # noqa: E402  (light module: heavy imports happen inside the command)
+
+main.add_command(check)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
