@@ -44,10 +44,43 @@ def _echo_warnings(plan) -> None:
         click.echo(f"Warning: {w}", err=True)
 
 
+def quant_options(f):
+    """Options shared by `convert` and `quantize`; each maps to a QuantSpec field."""
+    opts = [
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where to quantize (cuda uses bitsandbytes' GPU kernels)."),
+        click.option("--skip-modules", default=",".join(DEFAULT_SKIP), show_default=True,
+                     help="Comma-separated modules kept unquantized (either key layout; '' quantizes all Linear layers)."),
+        click.option("--compute-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+                     show_default=True, help="bnb_4bit_compute_dtype."),
+        click.option("--blocksize", type=int, default=64, show_default=True, help="4-bit block size."),
+        click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+                     help="4-bit: also quantize the absmax statistics."),
+    ]
+    for o in opts:
+        f = o(f)
+    return f
+
+
+DEFAULT_SKIP = ("lm_head", "vision_tower", "multi_modal_projector")
+
+
+def _spec(quantize, double_quant, blocksize, compute_dtype, skip_modules, device):
+    if quantize is None:
+        return None
+    from .quantize import QuantSpec
+
+    skips = tuple(s.strip() for s in skip_modules.split(",") if s.strip())
+    return QuantSpec(quantize, blocksize, double_quant, compute_dtype, skips, device)
+
+
 @main.command()
 @click.argument("source", type=_PATH)
 @click.argument("output", type=_PATH)
 @click.option("--vision-tower", type=_PATH, help="Local CLIP directory (default: the config's mm_vision_tower).")
+@click.option("--quantize", type=click.Choice(["int8", "nf4", "fp4"]), default=None,
+              help="Write Linear weights bitsandbytes-quantized.")
+@quant_options
 @click.option(
     "--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True,
     help="Output dtype; auto keeps the checkpoint's own.",
@@ -58,23 +91,45 @@ def _echo_warnings(plan) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(source, output, vision_tower, dtype, max_shard_size, chat_template, dry_run, force, as_json, quiet):
+def convert(source, output, vision_tower, quantize, double_quant, blocksize, compute_dtype, skip_modules, device,
+            dtype, max_shard_size, chat_template, dry_run, force, as_json, quiet):
     """Convert the original checkpoint SOURCE into a Hugging Face directory OUTPUT."""
     from .convert import convert as run
 
     plan = run(
         source, output, vision_tower=vision_tower, dtype=dtype, max_shard_size=max_shard_size,
         chat_template=chat_template, dry_run=dry_run, force=force, progress=not quiet,
+        quantize=_spec(quantize, double_quant, blocksize, compute_dtype, skip_modules, device),
     )
     _echo_warnings(plan)
     if dry_run:
         _print_plan(plan, as_json)
         return
     s = plan.summary()
+    quant = f", {quantize} quantized" if quantize else ""
     click.echo(
         f"Wrote {output}: {s['target']}, {len(s['tensors'])} tensors, {s['total_bytes'] / 1e9:.2f} GB "
-        f"in {len(s['shards'])} shard(s), {s['dtype']}, chat template {s['chat_template']}"
+        f"in {len(s['shards'])} shard(s), {s['dtype']}{quant}, chat template {s['chat_template']}"
     )
+
+
+@main.command()
+@click.argument("source", type=_PATH)
+@click.argument("output", type=_PATH)
+@click.option("--quantize", "quant_type", type=click.Choice(["int8", "nf4", "fp4"]), required=True,
+              help="Quantization type.")
+@quant_options
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def quantize(source, output, quant_type, double_quant, blocksize, compute_dtype, skip_modules, device,
+             max_shard_size, force, quiet):
+    """Quantize SOURCE, a checkpoint already in Hugging Face llava / llava_next format, into OUTPUT."""
+    from .hf_quantize import quantize_checkpoint
+
+    spec = _spec(quant_type, double_quant, blocksize, compute_dtype, skip_modules, device)
+    quantize_checkpoint(source, output, spec, max_shard_size=max_shard_size, force=force, progress=not quiet)
+    click.echo(f"Wrote {output}: {quant_type} quantized (skipping {', '.join(spec.skip_modules) or 'nothing'})")
 
 
 def _print_plan(plan, as_json: bool) -> None:

@@ -18,6 +18,7 @@ from .errors import LlavaConvertError
 from .hfconfig import Vocab, llava_config, plan_vocab
 from .mapping import MapResult, PlanEntry, check_targets, load_table, map_tensors, raise_if
 from .processor import chat_template_name
+from .quantize import QuantSpec, quantize_tensor, should_quantize
 from .readers import TensorRef, read_checkpoint
 from .source import OriginalCheckpoint, VisionTower, find_vision_tower, open_original, read_json
 from .target import build_target
@@ -90,6 +91,7 @@ def plan_conversion(
     dtype: str = "auto",
     max_shard_size: int | str = "5GB",
     chat_template: str | None = None,
+    quantize: QuantSpec | None = None,
 ) -> Plan:
     """Plan the conversion of an original checkpoint, validating it completely; reads no tensor data.
 
@@ -146,6 +148,7 @@ def plan_conversion(
     raise_if(problems)
     raise_if(check_targets(entries, expected, target.class_name))
 
+    apply_quantization(entries, config, quantize)
     index = assign_shards(entries, max_shard_size)
     return Plan(
         source=ckpt,
@@ -161,14 +164,28 @@ def plan_conversion(
     )
 
 
-def compute_entry(e: PlanEntry, ctx: dict[str, Any]) -> torch.Tensor:
-    """One output tensor, materialised: read, transform, cast."""
+def apply_quantization(entries: list[PlanEntry], config: dict[str, Any], spec: QuantSpec | None) -> None:
+    """Mark the weights the policy quantizes and record `quantization_config` in the config."""
+    if spec is None:
+        return
+    spec.validate()
+    for e in entries:
+        if should_quantize(e.target, tuple(e.shape), spec):
+            e.quant = spec
+    config["quantization_config"] = spec.config()
+
+
+def compute_entry(e: PlanEntry, ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One entry's output tensors, materialised: read, transform, cast, and quantize if planned."""
     tensors = [s.load() for s in e.sources]
     if e.transform:
         t = transforms.get(e.transform).apply(tensors, ctx, e.shape)
     else:
         (t,) = tensors
-    return t.to(e.dtype).contiguous() if t.dtype != e.dtype else t.contiguous()
+    t = t.to(e.dtype).contiguous() if t.dtype != e.dtype else t.contiguous()
+    if e.quant is not None:
+        return quantize_tensor(e.target, t, e.quant)
+    return {e.target: t}
 
 
 def _generation_config(plan: Plan) -> dict[str, Any]:
@@ -206,7 +223,8 @@ def execute(plan: Plan, output: Path, *, force: bool = False, progress: bool = T
             total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
             file=sys.stderr, disable=not progress, leave=False,
         ) as bar:
-            write_shards(plan.entries, staging, lambda e: compute_entry(e, ctx), bar.update)
+            written = write_shards(plan.entries, staging, lambda e: compute_entry(e, ctx), bar.update)
+        plan.index["metadata"]["total_size"] = written
         shards = {e.shard for e in plan.entries}
         if len(shards) > 1:
             (staging / "model.safetensors.index.json").write_text(json.dumps(plan.index, indent=2) + "\n")
@@ -221,6 +239,7 @@ def convert(
     dtype: str = "auto",
     max_shard_size: int | str = "5GB",
     chat_template: str | None = None,
+    quantize: QuantSpec | None = None,
     dry_run: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -234,6 +253,7 @@ def convert(
         dtype: "auto" (the checkpoint's own), "float16", "bfloat16" or "float32".
         max_shard_size: largest shard, e.g. "5GB" or a byte count.
         chat_template: one of the authors' conversation modes; default: the authors' choice for the name.
+        quantize: write Linear weights bitsandbytes-quantized (int8, nf4, fp4) as the spec says.
         dry_run: plan and validate only; write nothing.
         force: replace an existing OUTPUT.
         progress: show a progress bar on stderr.
@@ -248,7 +268,8 @@ def convert(
         >>> convert("llava-v1.5-7b", "llava-1.5-7b-hf", vision_tower="clip-vit-large-patch14-336")
     """
     plan = plan_conversion(
-        Path(source), vision_tower=vision_tower, dtype=dtype, max_shard_size=max_shard_size, chat_template=chat_template
+        Path(source), vision_tower=vision_tower, dtype=dtype, max_shard_size=max_shard_size,
+        chat_template=chat_template, quantize=quantize,
     )
     if not dry_run:
         execute(plan, Path(output), force=force, progress=progress)

@@ -122,20 +122,40 @@ class PlanEntry:
     dtype: torch.dtype | None = None
     shape: tuple[int, ...] | None = None
     shard: str = ""
+    quant: Any = None  # a quantize.QuantSpec when this weight is written bitsandbytes-quantized
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def outputs(self) -> list[tuple[str, torch.dtype, tuple[int, ...] | None]]:
+        """The tensors this entry writes: one, or a quantized weight's several (a `None` shape is
+        sized by the data, up to `quantize.QUANT_STATE_MAX` bytes)."""
+        if self.quant is None:
+            return [(self.target, self.dtype, self.shape)]
+        from .quantize import quantized_outputs
+
+        return quantized_outputs(self.target, self.shape, self.dtype, self.quant)
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape or ():
-            n *= s
-        return n * dtype_size(self.dtype)
+        """Bytes written (an upper bound for quantized weights)."""
+        from .quantize import QUANT_STATE_MAX
+
+        total = 0
+        for _, dtype, shape in self.outputs():
+            if shape is None:
+                total += QUANT_STATE_MAX
+                continue
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * dtype_size(dtype)
+        return total
 
     @property
     def passthrough(self) -> bool:
         """True when the output bytes are exactly a byte range of the source file (kernel copy)."""
         return (
             self.transform is None
+            and self.quant is None
             and len(self.sources) == 1
             and self.sources[0].dtype == self.dtype
             and self.sources[0].contiguous
@@ -151,6 +171,7 @@ class PlanEntry:
             "shape": list(self.shape or ()),
             "shard": self.shard,
             "rule": self.rule,
+            "quantize": self.quant.quant_type if self.quant is not None else None,
         }
 
 

@@ -28,7 +28,10 @@ _COPY_CHUNK = 64 << 20
 
 
 def assign_shards(entries: list[PlanEntry], max_shard_size: int | str) -> dict[str, Any]:
-    """Fill `entry.shard` with huggingface_hub's framework-free shard planner; return the index dict."""
+    """Fill `entry.shard` with huggingface_hub's framework-free shard planner; return the index dict.
+
+    A quantized weight's tensors stay together in one shard (they are produced by one computation).
+    """
     from huggingface_hub import split_state_dict_into_shards_factory
 
     by_name = {e.target: e for e in entries}
@@ -43,22 +46,27 @@ def assign_shards(entries: list[PlanEntry], max_shard_size: int | str) -> dict[s
         raise LlavaConvertError(f"--max-shard-size {max_shard_size!r}: {e}") from None
     for name, fname in split.tensor_to_filename.items():
         by_name[name].shard = fname
+    weight_map = {name: e.shard for e in entries for name, _, _ in e.outputs()}
     total = sum(e.nbytes for e in entries)
-    return {"metadata": {"total_size": total, "format": "pt"}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+    return {"metadata": {"total_size": total, "format": "pt"}, "weight_map": dict(sorted(weight_map.items()))}
 
 
-def _header(entries: list[PlanEntry]) -> bytes:
+def _header(tensors: list[tuple[str, torch.dtype, tuple[int, ...], int]], size: int | None = None) -> bytes:
+    """The 8-byte length and JSON header for tensors laid out in order; padded with spaces to `size`."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for e in entries:
-        header[e.target] = {
-            "dtype": DTYPE_TO_SAFETENSORS[e.dtype],
-            "shape": list(e.shape),
-            "data_offsets": [offset, offset + e.nbytes],
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {
+            "dtype": DTYPE_TO_SAFETENSORS[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += e.nbytes
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    target = len(raw) + (-len(raw) % 8) if size is None else size
+    if len(raw) > target:
+        raise AssertionError("safetensors header outgrew its reserved space")
+    raw += b" " * (target - len(raw))  # whitespace padding is valid JSON; data starts 8-byte aligned
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -92,29 +100,64 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def write_shards(
     entries: list[PlanEntry],
     out_dir: Path,
-    compute: Callable[[PlanEntry], torch.Tensor],
+    compute: Callable[[PlanEntry], dict[str, torch.Tensor]],
     on_bytes: Callable[[int], None] = lambda n: None,
-) -> None:
-    """Write every shard named by `entry.shard`, in plan order, one tensor in memory at a time."""
+) -> int:
+    """Write every shard named by `entry.shard`, in plan order, one entry's tensors in memory at a time.
+
+    The header space is reserved from the plan's upper bounds, the data streamed after it, and the exact
+    header written last (padded with spaces), so data-sized tensors (bitsandbytes quant states) need no
+    second pass. Returns the total bytes of tensor data written.
+    """
     shards: dict[str, list[PlanEntry]] = {}
     for e in entries:
         shards.setdefault(e.shard, []).append(e)
+    from .quantize import QUANT_STATE_MAX
+
+    written = 0
     for fname, group in shards.items():
+        bound = [
+            (name, dtype, shape if shape is not None else (QUANT_STATE_MAX,), _nbytes(dtype, shape or (QUANT_STATE_MAX,)))
+            for e in group
+            for name, dtype, shape in e.outputs()
+        ]
+        reserved = len(_header(bound)) - 8
+        actual: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         with open(out_dir / fname, "wb") as f:
-            f.write(_header(group))
-            f.flush()
+            f.seek(8 + reserved)
             for e in group:
                 if e.passthrough:
-                    f.flush()
+                    f.flush()  # the kernel copy writes at the descriptor's position
                     src = e.sources[0]
                     _copy_range(src.path, src.offset, e.nbytes, f)
+                    f.seek(0, os.SEEK_END)
+                    actual.append((e.target, e.dtype, e.shape, e.nbytes))
+                    n = e.nbytes
                 else:
-                    t = compute(e)
-                    if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
-                        raise AssertionError(f"{e.target}: computed {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
-                    f.write(tensor_bytes(t))
-                    del t
-                on_bytes(e.nbytes)
+                    tensors = compute(e)
+                    n = 0
+                    for name, dtype, shape in e.outputs():
+                        t = tensors.pop(name)
+                        if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
+                            raise AssertionError(f"{name}: computed {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
+                        f.write(tensor_bytes(t))
+                        actual.append((name, dtype, tuple(t.shape), t.nbytes))
+                        n += t.nbytes
+                        del t
+                    if tensors:
+                        raise AssertionError(f"{e.target}: unplanned outputs {sorted(tensors)}")
+                written += n
+                on_bytes(n)
+            f.seek(0)
+            f.write(_header(actual, reserved))
+    return written
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 @contextmanager
