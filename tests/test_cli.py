@@ -249,3 +249,13 @@ def test_next_combinations_hf_cannot_express(tmp_path, overrides, needle):
     ckpt = write_original(tmp_path, name="llava-v1.6-vicuna-tiny", **cfg)
     msg = _error(tmp_path, ckpt)
     assert needle in msg
+
+
+def test_readme_example_converts(tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "llava-tiny-hf"
+    r = run("convert", repo / "examples" / "llava-v1.5-tiny", out, "--vision-tower", repo / "examples" / "clip-tiny", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "LlavaForConditionalGeneration" in r.output and "chat template llava_v1" in r.output

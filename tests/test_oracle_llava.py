@@ -57,3 +57,22 @@ def test_default_dtype_keeps_checkpoint_dtype(oracle_case, tmp_path):
 
         assert f.get_tensor("language_model.model.embed_tokens.weight").dtype == torch.float16
         assert f.get_tensor("vision_tower.vision_model.post_layernorm.weight").dtype == torch.float16
+
+
+def test_bundled_example_is_the_authors_checkpoint(oracle_case, tmp_path):
+    """examples/ holds the oracle's v15 case (made by the authors' code), so the README's command is real."""
+    from pathlib import Path
+
+    import torch
+
+    from llava_convert.readers import read_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    example = read_checkpoint(repo / "examples" / "llava-v1.5-tiny")
+    oracle = read_checkpoint(_checkpoint(oracle_case("v15")))
+    assert sorted(example) == sorted(oracle)
+    for name in oracle:
+        assert torch.equal(example[name].load(), oracle[name].load()), name
+    out = tmp_path / "hf"
+    convert(repo / "examples" / "llava-v1.5-tiny", out, vision_tower=repo / "examples" / "clip-tiny", progress=False)
+    assert (out / "model.safetensors").is_file()
