@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -114,42 +115,63 @@ def write_shards(
         shards.setdefault(e.shard, []).append(e)
     from .quantize import QUANT_STATE_MAX
 
+    # One worker computes the next entry (read, cast, quantize) while this thread writes the current one:
+    # both cores busy, at most two entries' tensors alive at once.
+    computed = [e for group in shards.values() for e in group if not e.passthrough]
+    pending: dict[int, Future] = {}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-convert-compute")
+
+    def prefetch(i: int) -> None:
+        if i < len(computed) and id(computed[i]) not in pending:
+            pending[id(computed[i])] = pool.submit(compute, computed[i])
+
     written = 0
-    for fname, group in shards.items():
-        bound = [
-            (name, dtype, shape if shape is not None else (QUANT_STATE_MAX,), _nbytes(dtype, shape or (QUANT_STATE_MAX,)))
-            for e in group
-            for name, dtype, shape in e.outputs()
-        ]
-        reserved = len(_header(bound)) - 8
-        actual: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
-        with open(out_dir / fname, "wb") as f:
-            f.seek(8 + reserved)
-            for e in group:
-                if e.passthrough:
-                    f.flush()  # the kernel copy writes at the descriptor's position
-                    src = e.sources[0]
-                    _copy_range(src.path, src.offset, e.nbytes, f)
-                    f.seek(0, os.SEEK_END)
-                    actual.append((e.target, e.dtype, e.shape, e.nbytes))
-                    n = e.nbytes
-                else:
-                    tensors = compute(e)
-                    n = 0
-                    for name, dtype, shape in e.outputs():
-                        t = tensors.pop(name)
-                        if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
-                            raise AssertionError(f"{name}: computed {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
-                        f.write(tensor_bytes(t))
-                        actual.append((name, dtype, tuple(t.shape), t.nbytes))
-                        n += t.nbytes
-                        del t
-                    if tensors:
-                        raise AssertionError(f"{e.target}: unplanned outputs {sorted(tensors)}")
-                written += n
-                on_bytes(n)
-            f.seek(0)
-            f.write(_header(actual, reserved))
+    next_computed = 0
+    try:
+        for fname, group in shards.items():
+            bound = [
+                (name, dtype, shape if shape is not None else (QUANT_STATE_MAX,), _nbytes(dtype, shape or (QUANT_STATE_MAX,)))
+                for e in group
+                for name, dtype, shape in e.outputs()
+            ]
+            reserved = len(_header(bound)) - 8
+            actual: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+            with open(out_dir / fname, "wb") as f:
+                f.seek(8 + reserved)
+                for e in group:
+                    if e.passthrough:
+                        prefetch(next_computed)
+                        f.flush()  # the kernel copy writes at the descriptor's position
+                        src = e.sources[0]
+                        _copy_range(src.path, src.offset, e.nbytes, f)
+                        f.seek(0, os.SEEK_END)
+                        actual.append((e.target, e.dtype, e.shape, e.nbytes))
+                        n = e.nbytes
+                    else:
+                        prefetch(next_computed)
+                        tensors = pending.pop(id(e)).result()
+                        next_computed += 1
+                        prefetch(next_computed)
+                        n = 0
+                        for name, dtype, shape in e.outputs():
+                            t = tensors.pop(name)
+                            if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
+                                raise AssertionError(f"{name}: computed {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
+                            f.write(tensor_bytes(t))
+                            actual.append((name, dtype, tuple(t.shape), t.nbytes))
+                            n += t.nbytes
+                            del t
+                        if tensors:
+                            raise AssertionError(f"{e.target}: unplanned outputs {sorted(tensors)}")
+                        del tensors
+                    written += n
+                    on_bytes(n)
+                f.seek(0)
+                f.write(_header(actual, reserved))
+    finally:
+        for fut in pending.values():
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
     return written
 
 
