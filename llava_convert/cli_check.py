@@ -1,13 +1,100 @@
-"""`llava-convert check` command (declared here, implemented in llava_convert/check.py)."""
+"""`llava-convert check` command (implemented in llava_convert/check.py).
+
+Kept light: torch and transformers are imported inside the command, so `llava-convert --help` answers at once.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+_PATH = click.Path(path_type=Path)
 
 
 @click.command()
-@click.argument("original", type=click.Path(path_type=__import__("pathlib").Path))
-@click.argument("converted", type=click.Path(path_type=__import__("pathlib").Path))
-def check(original, converted):
-    """Compare ORIGINAL (authors' format) with CONVERTED (Hugging Face format)."""
-    raise click.UsageError("check is not implemented yet")
+@click.argument("original", type=_PATH)
+@click.argument("converted", type=_PATH)
+@click.option(
+    "--vision-tower", type=_PATH, help="Local CLIP directory for ORIGINAL (default: its mm_vision_tower)."
+)
+@click.option(
+    "--image",
+    "images",
+    type=_PATH,
+    multiple=True,
+    help="Image file to test (repeatable; default: a built-in non-square test image).",
+)
+@click.option("--prompt", default=None, help="Question asked about each image.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype on both sides.",
+)
+@click.option(
+    "--json", "json_path", type=_PATH, default=None, help="Write a machine-readable report to this file."
+)
+@click.option(
+    "--atol",
+    type=float,
+    default=None,
+    help="Absolute tolerance on logits [default: 1e-4 float32, 5e-2 bfloat16; not used when quantized].",
+)
+@click.option(
+    "--min-top1",
+    type=float,
+    default=None,
+    help="Lowest acceptable top-1 agreement, 0-1 [default: per dtype / quantization type].",
+)
+@click.option(
+    "--max-new-tokens", type=int, default=8, show_default=True, help="Greedy tokens generated and compared."
+)
+@click.option("--low-memory", is_flag=True, help="Stream one decoder layer at a time (7B/13B in 24 GB).")
+@click.option("--quiet", is_flag=True, help="No progress messages on stderr.")
+def check(
+    original,
+    converted,
+    vision_tower,
+    images,
+    prompt,
+    dtype,
+    json_path,
+    atol,
+    min_top1,
+    max_new_tokens,
+    low_memory,
+    quiet,
+):
+    """Compare ORIGINAL (authors' format, run as the authors' code runs it) with CONVERTED (Hugging Face).
+
+    Exit status: 0 when they agree, 1 when they disagree (the first diverging stage is named), 2 on bad input.
+    """
+    from .errors import LlavaConvertError
+
+    if json_path is not None and not json_path.parent.is_dir():
+        raise LlavaConvertError(f"Cannot write the report to {json_path}: {json_path.parent} does not exist")
+    from .check import DEFAULT_PROMPT
+    from .check import check as run
+
+    report = run(
+        original,
+        converted,
+        vision_tower=vision_tower,
+        images=list(images) or None,
+        prompt=prompt if prompt is not None else DEFAULT_PROMPT,
+        dtype=dtype,
+        atol=atol,
+        min_top1=min_top1,
+        max_new_tokens=max_new_tokens,
+        low_memory=low_memory,
+        progress=not quiet,
+    )
+    if json_path is not None:
+        try:
+            report.write_json(json_path)
+        except OSError as e:
+            raise LlavaConvertError(f"Cannot write the report to {json_path}: {e.strerror}") from None
+    click.echo(report.summary())
+    report.raise_for_verdict()

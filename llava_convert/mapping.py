@@ -9,12 +9,12 @@ and reports every problem at once, naming the table and rule.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 
 from .errors import LlavaConvertError, MappingError

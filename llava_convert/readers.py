@@ -109,7 +109,7 @@ class TensorRef:
         for s in reversed(self.shape):
             expected.append(acc)
             acc *= s
-        return all(st == ex for st, ex, sz in zip(self.stride, reversed(expected), self.shape) if sz != 1)
+        return all(st == ex for st, ex, sz in zip(self.stride, reversed(expected), self.shape, strict=True) if sz != 1)
 
     def load(self) -> torch.Tensor:
         """The tensor as a read-only view over the file mapping (no copy for contiguous tensors)."""

@@ -73,5 +73,6 @@ def test_peak_anonymous_memory_bounded_by_largest_tensor(tmp_path, fmt, dtype):
     growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
     itemsize_ratio = 2 if dtype == "float32" else 1
     bound = 3 * largest * itemsize_ratio + 64 * MB
-    print(f"growth {growth / MB:.1f} MB"); assert growth < bound, f"anonymous memory grew {growth / MB:.1f} MB (bound {bound / MB:.1f} MB, model {total / MB:.0f} MB)"
+    print(f"growth {growth / MB:.1f} MB")
+    assert growth < bound, f"anonymous memory grew {growth / MB:.1f} MB (bound {bound / MB:.1f} MB, model {total / MB:.0f} MB)"
     assert growth < total / 2  # a whole-shard load could not pass
