@@ -17,7 +17,7 @@ import json
 import platform
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1141,6 +1141,14 @@ def _check(
     ref = ReferenceModel(original, vision_tower=vision_tower, dtype=dtype, low_memory=low_memory)
     vocab = ref.vocab_size
     anyres = ref.config.get("image_aspect_ratio") == "anyres"
+    downcast = storage_downcast(ref, converted)
+    if downcast and quant is None and atol is None:
+        thresholds = replace(thresholds, atol=None, max_kl=min(thresholds.max_kl * 10, 1e-3), stage_nmse=1e-4)
+        notes.append(
+            f"the converted checkpoint stores {downcast} with less precision than the original "
+            "(e.g. a float32 CLIP tower saved as float16): judged by KL, top-1 and greedy tokens, not atol; "
+            "convert with --dtype float32 for an exact comparison"
+        )
     orig_runs = run_original(ref, pictures, prompt, max_new_tokens)
     ref.close()
     del ref
@@ -1183,6 +1191,34 @@ def _check(
         versions=versions(),
         sources={"original": source_hashes(original), "converted": source_hashes(converted)},
     )
+
+
+_PRECISION = {torch.float64: 64, torch.float32: 32, torch.float16: 16, torch.bfloat16: 16}
+
+
+def storage_downcast(ref, converted: Path) -> str | None:
+    """Which original weights the converted checkpoint stores in a narrower float type, if any."""
+    from .readers import read_checkpoint
+
+    try:
+        conv = read_checkpoint(converted)
+    except LlavaConvertError:
+        return None
+    conv_bits = min((_PRECISION.get(r.dtype, 64) for r in conv.values() if r.dtype.is_floating_point), default=64)
+    groups: dict[str, int] = {}
+    sources = [("language model", ref.ckpt.path, None)]
+    tower = getattr(ref, "tower", None)
+    if tower is not None and getattr(tower, "weight_files", None):
+        sources.append(("vision tower", tower.path, tower.weight_files))
+    for label, path, files in sources:
+        try:
+            refs = read_checkpoint(path, files=files)
+        except LlavaConvertError:
+            continue
+        bits = max((_PRECISION.get(r.dtype, 0) for r in refs.values() if r.dtype.is_floating_point), default=0)
+        groups[label] = bits
+    lossy = [label for label, bits in groups.items() if bits > conv_bits]
+    return " and ".join(lossy) + " weights" if lossy else None
 
 
 def _verdict(reports: list[ImageReport], t: Thresholds) -> list[str]:
