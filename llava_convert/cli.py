@@ -74,10 +74,26 @@ def _spec(quantize, double_quant, blocksize, compute_dtype, skip_modules, device
     return QuantSpec(quantize, blocksize, double_quant, compute_dtype, skips, device)
 
 
+def source_options(f):
+    """How SOURCE is found and what it is applied to; shared by `convert` and `inspect`."""
+    opts = [
+        click.option("--base", type=_PATH, default=None,
+                     help="Base LLM (directory or Hub repo id) for a LoRA adapter, projector-only or delta SOURCE."),
+        click.option("--revision", default=None, help="Hub revision (branch, tag, commit) when SOURCE is a repo id."),
+        click.option("--delta/--no-delta", "delta", default=None,
+                     help="SOURCE holds delta weights (target - base); default: when its name has a 'delta' word."),
+        click.option("--vision-tower", type=_PATH,
+                     help="CLIP directory or Hub repo id (default: the config's mm_vision_tower)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 @main.command()
 @click.argument("source", type=_PATH)
 @click.argument("output", type=_PATH)
-@click.option("--vision-tower", type=_PATH, help="Local CLIP directory (default: the config's mm_vision_tower).")
+@source_options
 @click.option("--quantize", type=click.Choice(["int8", "nf4", "fp4"]), default=None,
               help="Write Linear weights bitsandbytes-quantized.")
 @quant_options
@@ -91,13 +107,15 @@ def _spec(quantize, double_quant, blocksize, compute_dtype, skip_modules, device
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(source, output, vision_tower, quantize, double_quant, blocksize, compute_dtype, skip_modules, device,
-            dtype, max_shard_size, chat_template, dry_run, force, as_json, quiet):
-    """Convert the original checkpoint SOURCE into a Hugging Face directory OUTPUT."""
+def convert(source, output, base, revision, delta, vision_tower, quantize, double_quant, blocksize, compute_dtype,
+            skip_modules, device, dtype, max_shard_size, chat_template, dry_run, force, as_json, quiet):
+    """Convert the original checkpoint SOURCE (a directory or Hub repo id: full checkpoint, LoRA adapter,
+    projector-only or delta weights, the last three with --base) into a Hugging Face directory OUTPUT."""
     from .convert import convert as run
 
     plan = run(
-        source, output, vision_tower=vision_tower, dtype=dtype, max_shard_size=max_shard_size,
+        source, output, base=base, revision=revision, delta=delta, vision_tower=vision_tower, dtype=dtype,
+        max_shard_size=max_shard_size,
         chat_template=chat_template, dry_run=dry_run, force=force, progress=not quiet,
         quantize=_spec(quantize, double_quant, blocksize, compute_dtype, skip_modules, device),
     )
@@ -152,21 +170,43 @@ def _print_plan(plan, as_json: bool) -> None:
 
 @main.command()
 @click.argument("source", type=_PATH)
-@click.option("--vision-tower", type=_PATH, help="Local CLIP directory (default: the config's mm_vision_tower).")
+@source_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(source, vision_tower, as_json):
-    """Describe SOURCE: detected family, files, folded config and the conversion plan."""
+def inspect(source, base, revision, delta, vision_tower, as_json):
+    """Describe SOURCE: detected form and family, files, what else it needs, folded config and the plan."""
     from .convert import plan_conversion
+    from .forms import FORM_TITLES, NEEDS_BASE, base_hint, open_source
 
-    plan = plan_conversion(source, vision_tower=vision_tower)
+    if base is None:
+        ckpt = open_source(source, revision=revision, delta=delta, require_base=False)
+        if ckpt.form in NEEDS_BASE:
+            info = {
+                "source": str(ckpt.path),
+                "form": ckpt.form,
+                "backbone": ckpt.backbone,
+                "needs": "--base",
+                "message": base_hint(ckpt),
+                "files": [str(p) for p in ckpt.weight_files],
+            }
+            if as_json:
+                click.echo(json.dumps(info, indent=2))
+                return
+            click.echo(f"{info['source']}: original LLaVA checkpoint ({FORM_TITLES[ckpt.form]}), {ckpt.backbone} backbone")
+            click.echo(f"  {info['message']}")
+            click.echo(f"  files: {', '.join(Path(f).name for f in info['files'])}")
+            return
+    plan = plan_conversion(source, base=base, revision=revision, delta=delta, vision_tower=vision_tower)
     _echo_warnings(plan)
     s = plan.summary()
     s["files"] = [str(p) for p in plan.source.weight_files]
     s["config"] = plan.config
+    s["base"] = str(plan.source.base) if plan.source.base else None
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     click.echo(f"{s['source']}: original LLaVA checkpoint ({s['form']}), {s['backbone']} backbone")
+    if s["base"]:
+        click.echo(f"  base LLM: {s['base']} ({FORM_TITLES[s['form']]} applied to it)")
     click.echo(f"  facts: {s['facts']}")
     click.echo(f"  weight files: {', '.join(Path(f).name for f in s['files'])}")
     click.echo(f"  vision tower: {s['vision_tower']}")

@@ -15,12 +15,13 @@ import torch
 
 from . import transforms
 from .errors import LlavaConvertError
-from .hfconfig import Vocab, llava_config, plan_vocab
+from .forms import open_source, read_tensors
+from .hfconfig import Vocab, llava_config
 from .mapping import MapResult, PlanEntry, check_targets, load_table, map_tensors, raise_if
-from .processor import chat_template_name
+from .processor import chat_template_name, plan_tokens
 from .quantize import QuantSpec, quantize_tensor, should_quantize
 from .readers import TensorRef, read_checkpoint
-from .source import OriginalCheckpoint, VisionTower, find_vision_tower, open_original, read_json
+from .source import OriginalCheckpoint, VisionTower, find_vision_tower, read_json
 from .target import build_target
 from .writer import assign_shards, staged_output, write_shards
 
@@ -85,22 +86,29 @@ def _output_dtype(tensors: dict[str, TensorRef], dtype: str) -> torch.dtype:
 
 
 def plan_conversion(
-    source: Path,
+    source: Path | str,
     *,
-    vision_tower: Path | None = None,
+    base: Path | str | None = None,
+    revision: str | None = None,
+    delta: bool | None = None,
+    vision_tower: Path | str | None = None,
     dtype: str = "auto",
     max_shard_size: int | str = "5GB",
     chat_template: str | None = None,
     quantize: QuantSpec | None = None,
 ) -> Plan:
-    """Plan the conversion of an original checkpoint, validating it completely; reads no tensor data.
+    """Plan the conversion of an original checkpoint, validating it completely; reads no tensor data
+    (but the final norm weight, a few KB, to tell delta weights from full ones).
+
+    SOURCE may be any form of original checkpoint (full, LoRA, projector-only, delta; see forms.py), given
+    as a directory or a Hub repo id; `base` is the base LLM the last three need.
 
     Raises:
         LlavaConvertError: bad input (missing files, unsupported configuration, unmapped keys, shape mismatches).
     """
-    ckpt = open_original(Path(source))
-    tower = find_vision_tower(ckpt, Path(vision_tower) if vision_tower else None)
-    tensors = read_checkpoint(ckpt.path)
+    ckpt = open_source(source, base=base, revision=revision, delta=delta)
+    tower = find_vision_tower(ckpt, vision_tower)
+    tensors, form_warnings = read_tensors(ckpt)
     if EMBED_KEY not in tensors:
         raise LlavaConvertError(f"{ckpt.path}: no {EMBED_KEY} in the checkpoint weights")
     rows = tensors[EMBED_KEY].shape[0]
@@ -110,7 +118,7 @@ def plan_conversion(
             f"{ckpt.path / 'config.json'}: vocab_size {cfg_vocab} disagrees with {EMBED_KEY} "
             f"{tuple(tensors[EMBED_KEY].shape)} in {tensors[EMBED_KEY].path.name}"
         )
-    vocab = plan_vocab(rows)
+    vocab = plan_tokens(ckpt, rows)
     out_dtype = _output_dtype(tensors, dtype)
     config = llava_config(ckpt, tower, vocab)
     config["dtype"] = config["torch_dtype"] = str(out_dtype).replace("torch.", "")
@@ -160,7 +168,7 @@ def plan_conversion(
         dtype=out_dtype,
         chat_template=chat_template_name(ckpt, chat_template),
         dropped=[d for r in results for d in r.dropped],
-        warnings=[w for r in results for w in r.warnings],
+        warnings=form_warnings + [w for r in results for w in r.warnings],
     )
 
 
@@ -189,7 +197,7 @@ def compute_entry(e: PlanEntry, ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _generation_config(plan: Plan) -> dict[str, Any]:
-    src = plan.source.path / "generation_config.json"
+    src = plan.source.tokenizer_dir / "generation_config.json"  # the base LLM's for LoRA / projector-only
     gen = read_json(src) if src.is_file() else {}
     text = plan.config["text_config"]
     gen.setdefault("bos_token_id", text.get("bos_token_id"))
@@ -235,6 +243,9 @@ def convert(
     source: Path | str,
     output: Path | str,
     *,
+    base: Path | str | None = None,
+    revision: str | None = None,
+    delta: bool | None = None,
     vision_tower: Path | str | None = None,
     dtype: str = "auto",
     max_shard_size: int | str = "5GB",
@@ -247,9 +258,13 @@ def convert(
     """Convert an original LLaVA checkpoint directory to a Hugging Face directory.
 
     Args:
-        source: the original checkpoint directory (config.json with mm_* fields, weights, tokenizer).
+        source: the original checkpoint: a directory or Hub repo id, in any form (full, LoRA adapter,
+            projector-only, delta; see forms.py).
         output: directory to create; written atomically (a failed run leaves nothing behind).
-        vision_tower: local CLIP directory; default: the config's `mm_vision_tower` when it is a local path.
+        base: the base LLM (directory or Hub repo id) a LoRA / projector-only / delta SOURCE is applied to.
+        revision: Hub revision of SOURCE.
+        delta: force (True) or rule out (False) reading SOURCE as delta weights; default: by its name.
+        vision_tower: CLIP directory or Hub repo id; default: the config's `mm_vision_tower`.
         dtype: "auto" (the checkpoint's own), "float16", "bfloat16" or "float32".
         max_shard_size: largest shard, e.g. "5GB" or a byte count.
         chat_template: one of the authors' conversation modes; default: the authors' choice for the name.
@@ -268,8 +283,8 @@ def convert(
         >>> convert("llava-v1.5-7b", "llava-1.5-7b-hf", vision_tower="clip-vit-large-patch14-336")
     """
     plan = plan_conversion(
-        Path(source), vision_tower=vision_tower, dtype=dtype, max_shard_size=max_shard_size,
-        chat_template=chat_template, quantize=quantize,
+        source, base=base, revision=revision, delta=delta, vision_tower=vision_tower, dtype=dtype,
+        max_shard_size=max_shard_size, chat_template=chat_template, quantize=quantize,
     )
     if not dry_run:
         execute(plan, Path(output), force=force, progress=progress)

@@ -43,13 +43,25 @@ class Vocab:
     image_token_id: int
     pad_token_id: int
     padded: int  # rows after padding to VOCAB_MULTIPLE
+    # Tokens the authors' builder adds to the tokenizer at load time (`<im_patch>`, `<im_start>`, `<im_end>`,
+    # when the config asks for them and the saved tokenizer lacks them), in order, before `<image>` / `<pad>`.
+    added: tuple[str, ...] = ()
 
 
-def plan_vocab(original_rows: int) -> Vocab:
-    image = original_rows
-    pad = original_rows + 1
-    padded = -(-(original_rows + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    return Vocab(original_rows, image, pad, padded)
+def plan_vocab(original_rows: int, *, tokens: int | None = None, added: tuple[str, ...] = ()) -> Vocab:
+    """`<image>` and `<pad>` go right after the tokenizer's last token, the authors' load-time additions included.
+
+    Args:
+        original_rows: rows of the original embedding matrix.
+        tokens: tokenizer length after the authors' additions (default: `original_rows`). Rows between
+            `original_rows` and `tokens` (tokens the authors' builder adds with fresh rows) are filled like padding.
+        added: the tokens the authors' builder adds, in order.
+    """
+    n = original_rows if tokens is None else tokens
+    if n < original_rows:
+        raise LlavaConvertError(f"tokenizer has {n} tokens, fewer than the {original_rows} embedding rows")
+    padded = -(-(n + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return Vocab(original_rows, n, n + 1, padded, tuple(added))
 
 
 def _init_fields(cls) -> set[str]:

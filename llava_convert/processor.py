@@ -7,15 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LlavaConvertError
-from .hfconfig import Vocab
-from .source import OriginalCheckpoint, VisionTower
+from .hfconfig import Vocab, plan_vocab
+from .source import OriginalCheckpoint, VisionTower, read_json
 from .templates import authors_conv_mode, template_for
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
+# llava/constants.py
+IM_PATCH_TOKEN = "<im_patch>"
+IM_START_TOKEN = "<im_start>"
+IM_END_TOKEN = "<im_end>"
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, *, legacy: bool = True):
     import warnings
 
     from transformers import AutoTokenizer
@@ -23,33 +27,89 @@ def load_tokenizer(path: Path):
     if not any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
         raise LlavaConvertError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) in the checkpoint")
     try:
-        # legacy=True: a "▁" is prepended to the text after each special token. The authors'
+        # legacy=True (the default): a "▁" is prepended to the text after each special token. The authors'
         # `tokenizer_image_token` tokenizes the text after `<image>` as a fresh string, which starts with
-        # SentencePiece's dummy-prefix "▁"; this makes the single-string tokenization give the same ids.
+        # SentencePiece's dummy-prefix "▁"; this makes the single-string tokenization give the same ids
+        # (see prefix_after_specials for the one case that needs legacy=False).
         with warnings.catch_warnings():
             # transformers peeks at config.json, whose original (non-HF) fields it warns about.
             warnings.simplefilter("ignore", FutureWarning)
-            return AutoTokenizer.from_pretrained(str(path), legacy=True)
+            return AutoTokenizer.from_pretrained(str(path), legacy=legacy)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
         raise LlavaConvertError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
+def authors_added_tokens(config: dict[str, Any], tok) -> tuple[str, ...]:
+    """The tokens `load_pretrained_model` adds to the saved tokenizer, in order: `<im_patch>` when
+    mm_use_im_patch_token (true when the config lacks it), then `<im_start>`, `<im_end>` when
+    mm_use_im_start_end; `add_tokens` skips those the tokenizer already has."""
+    wanted = []
+    if config.get("mm_use_im_patch_token", True):
+        wanted.append(IM_PATCH_TOKEN)
+    if config.get("mm_use_im_start_end", False):
+        wanted += [IM_START_TOKEN, IM_END_TOKEN]
+    have = tok.get_vocab()
+    return tuple(t for t in wanted if t not in have)
+
+
+def plan_tokens(ckpt: OriginalCheckpoint, rows: int) -> Vocab:
+    """The converted vocabulary: the saved tokenizer, the authors' load-time additions, then `<image>`, `<pad>`.
+
+    The authors' builder resizes the embeddings to the tokenizer's length after its additions, so the
+    embedding rows must lie between the saved tokenizer's length and that length.
+
+    Raises:
+        LlavaConvertError: the tokenizer and the embedding rows do not fit together.
+    """
+    tok = load_tokenizer(ckpt.tokenizer_dir)
+    added = authors_added_tokens(ckpt.config, tok)
+    n = len(tok) + len(added)
+    if not len(tok) <= rows <= n:
+        extra = f" (+ {', '.join(added)} added by the authors' loader)" if added else ""
+        raise LlavaConvertError(
+            f"{ckpt.tokenizer_dir}: the tokenizer has {len(tok)} tokens{extra} but model.embed_tokens.weight has "
+            f"{rows} rows"
+        )
+    return plan_vocab(rows, tokens=n, added=added)
+
+
+def authors_legacy(tokenizer_dir: Path) -> bool:
+    """The `legacy` flag the authors' slow LlamaTokenizer runs with (transformers 4.36: true when unset)."""
+    cfg_path = tokenizer_dir / "tokenizer_config.json"
+    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+    return cfg.get("legacy") is not False
+
+
+def prefix_after_specials(ckpt: OriginalCheckpoint) -> bool:
+    """Whether the converted tokenizer starts the text after a special token with SentencePiece's "▁".
+
+    The authors' `tokenizer_image_token` tokenizes the text after `<image>` as a fresh string, which gets
+    the "▁" prefix; text after other special tokens gets it only with a legacy tokenizer. With `<image>`
+    alone in the prompt, "always" reproduces them. With mm_use_im_start_end no text follows `<image>`
+    (`<im_end>` does), so a non-legacy tokenizer must not add it (prepend_scheme "first").
+    """
+    return not ckpt.config.get("mm_use_im_start_end") or authors_legacy(ckpt.tokenizer_dir)
+
+
 def build_tokenizer(ckpt: OriginalCheckpoint, vocab: Vocab):
-    """The original tokenizer plus `<image>` (id = original vocab size) and `<pad>` (the next id)."""
+    """The original tokenizer, the tokens the authors' builder adds (`<im_patch>`, `<im_start>`, `<im_end>`)
+    at the ids it gives them, then `<image>` (the next id) and `<pad>` (the one after)."""
     from tokenizers import AddedToken
 
-    tok = load_tokenizer(ckpt.path)
-    if len(tok) != vocab.original:
+    tok = load_tokenizer(ckpt.tokenizer_dir, legacy=prefix_after_specials(ckpt))
+    if len(tok) + len(vocab.added) != vocab.image_token_id:
         raise LlavaConvertError(
-            f"{ckpt.path}: the tokenizer has {len(tok)} tokens but model.embed_tokens.weight has "
+            f"{ckpt.tokenizer_dir}: the tokenizer has {len(tok)} tokens but model.embed_tokens.weight has "
             f"{vocab.original} rows"
         )
+    for t in vocab.added:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False)], special_tokens=True)
     tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
     got = (tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN))
     if got != (vocab.image_token_id, vocab.pad_token_id):
         raise LlavaConvertError(
-            f"{ckpt.path}: <image>/<pad> got ids {got}, expected {(vocab.image_token_id, vocab.pad_token_id)}"
+            f"{ckpt.tokenizer_dir}: <image>/<pad> got ids {got}, expected {(vocab.image_token_id, vocab.pad_token_id)}"
         )
     max_len = ckpt.config.get("tokenizer_model_max_length")
     if max_len:
@@ -98,7 +158,11 @@ def build_processor(
     from transformers import LlavaImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
     tok = build_tokenizer(ckpt, vocab)
-    template = template_for(chat_template_name(ckpt, chat_template))
+    # run_llava.py: with mm_use_im_start_end the image goes in as <im_start><image><im_end>.
+    image_text = (
+        IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN + "\n" if ckpt.config.get("mm_use_im_start_end") else IMAGE_TOKEN + "\n"
+    )
+    template = template_for(chat_template_name(ckpt, chat_template), image_text=image_text)
     common = dict(
         tokenizer=tok,
         patch_size=tower.config["patch_size"],

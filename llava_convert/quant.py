@@ -51,6 +51,12 @@ Exactness notes (why the code below looks the way it does):
   block max and an all-zero block gets code 0.
 * int8: bitsandbytes casts to float16 first (bf16/fp32 inputs included), then
   ``round(w * (127 / rowmax))`` in float32 where ``127 / t`` is torch's ``reciprocal(t) * 127``.
+* NaN inputs: the codes are identical, and a block/row maximum keeps the input's NaN bits like
+  bitsandbytes' ``max(dim)`` (``amax`` would canonicalize them). The one thing that cannot be pinned
+  down is a NaN that went through a half->float conversion: torch's vectorized path yields
+  ``0x7FC00000`` and its scalar tail loop ``0x7FFFFFFF``, so which one bitsandbytes stores for a
+  float16 weight's NaN block depends on where that element falls in torch's loop split (thread
+  count, tensor length). Finite inputs, inf, -0.0 and subnormals are exact.
 """
 
 from __future__ import annotations
@@ -84,9 +90,17 @@ NESTED_BLOCKSIZE = 256
 #: Default elements per work item. 1M elements keeps each worker's scratch (~11 bytes per element)
 #: around 11 MB and mostly cache-resident, which measured faster than larger chunks.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
+# Below this many elements a tensor is not split across workers (thread start-up would dominate).
+_MIN_SPLIT_ELEMENTS = 1 << 18
+#: Default cap on worker threads: beyond this the work is memory-bound and each extra worker only
+#: adds its ~11 MB of scratch.
+MAX_DEFAULT_THREADS = 8
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _AMBIGUOUS = 255  # table sentinel: resolve this element with torch.bucketize
+# quantize_weight temporarily changes torch's process-wide thread count and must compute the
+# double-quant mean under the caller's setting, so concurrent calls are serialized.
+_CALL_LOCK = threading.Lock()
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -195,7 +209,7 @@ def _fourbit_tables(quant_type: str) -> _FourBitTables:
 
 
 @cache
-def _dynamic_map_and_lut() -> tuple[torch.Tensor, torch.Tensor]:
+def _dynamic_map_and_lut() -> tuple[torch.Tensor, np.ndarray]:
     """The dynamic map and the 65536-entry LUT bitsandbytes' C ``quantize_cpu_impl`` builds from it.
 
     ``build_quantize_lut``: ``mid[i] = 0.5f * (code[i] + code[i+1])``,
@@ -207,8 +221,8 @@ def _dynamic_map_and_lut() -> tuple[torch.Tensor, torch.Tensor]:
     mids = (np.float32(0.5) * (c[:-1] + c[1:])).astype(np.float32)
     i = np.arange(1 << 16, dtype=np.float32)
     vals = np.float32(-1.0) + (np.float32(2.0) * i) / np.float32(65535.0)
-    lut = np.searchsorted(mids, vals, side="left").astype(np.int64)
-    return code, torch.from_numpy(lut)
+    lut = np.searchsorted(mids, vals, side="left").astype(np.uint8)
+    return code, lut
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +256,9 @@ def _run_chunks(
     workers = max(1, min(threads, n_chunks))
     if workers == 1:
         state = make_state()
-        # threads == 1 means "one core"; a single chunk with more threads may use torch's intra-op pool.
-        with _torch_threads(1 if threads == 1 else torch.get_num_threads()):
+        # Single-threaded torch even for one chunk: an OpenMP fork/join per small op costs more than
+        # it saves here, and on a busy machine each join can wait out a whole scheduler slice.
+        with _torch_threads(1):
             for i in range(n_chunks):
                 work(state, i)
         return
@@ -259,6 +274,16 @@ def _run_chunks(
     with _torch_threads(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnbq") as pool:
         # list() re-raises the first worker exception here.
         list(pool.map(run, range(n_chunks)))
+
+
+def _split(total: int, unit: int, chunk_elements: int, threads: int) -> int:
+    """Chunk length in elements: a multiple of ``unit``, at most ``chunk_elements`` (but at least one
+    unit), and small enough that mid-sized tensors still give every worker a share."""
+    chunk = max(unit, (chunk_elements // unit) * unit)
+    if threads > 1 and total >= _MIN_SPLIT_ELEMENTS:
+        share = -(-total // threads)
+        chunk = min(chunk, max(unit, -(-share // unit) * unit))
+    return chunk
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +320,7 @@ def _quantize_4bit_codes(
     packed_np = packed.numpy().reshape(-1)
     table = tables.table
 
-    chunk = max(blocksize, (chunk_elements // blocksize) * blocksize)  # block-aligned, even
+    chunk = _split(full, blocksize, chunk_elements, threads)
     n_chunks = -(-full // chunk)
 
     def make_state() -> dict[str, Any]:
@@ -317,7 +342,13 @@ def _quantize_4bit_codes(
         a = st["abs"][:length]
         torch.abs(x, out=a)
         am = absmax[b0:b1]
-        torch.amax(a.view(-1, blocksize), dim=1, out=am)  # == abs().max(dim=-1)[0], NaN included
+        torch.amax(a.view(-1, blocksize), dim=1, out=am)  # == abs().max(dim=-1)[0] unless NaN
+        nan_blocks = torch.isnan(am)
+        if nan_blocks.any():
+            # amax returns a canonical NaN, max(dim) the input's own NaN bits (which bitsandbytes
+            # then stores, e.g. 0x7FFF0000 from a bf16 NaN); redo those few blocks bnb's way.
+            rows = torch.nonzero(nan_blocks).view(-1)
+            am[rows] = a.view(-1, blocksize)[rows].max(dim=-1)[0]
         scale = 1.0 / am.clamp(min=1e-38)  # same expression => same reciprocal rounding
         torch.mul(xb, scale.view(-1, 1), out=xb)
         x.clamp_(-1.0, 1.0)
@@ -357,25 +388,33 @@ def _quantize_blockwise_dynamic(values: torch.Tensor) -> tuple[torch.Tensor, tor
     the product and sum are exact in float64 because ``c + 1`` is a multiple of 2^-24, then rounded to
     float32 once), ``code = lut[trunc(t)]``; NaN -> index 0 (cvttss2si gives INT_MIN, low 16 bits 0).
     """
+    # numpy, single-threaded, in place: the input is only n/blocksize elements and a handful of
+    # torch ops here would each pay an OpenMP fork/join (and a fresh allocation).
     _, lut = _dynamic_map_and_lut()
     n = values.numel()
     bs = NESTED_BLOCKSIZE
     nb = -(-n // bs)
-    x = torch.zeros(nb * bs, dtype=torch.float32)
-    x[:n] = values
-    xb = x.view(nb, bs)
-    a = xb.abs()
-    a = torch.where(torch.isnan(a), torch.zeros((), dtype=a.dtype), a)  # std::max skips NaN
-    am = a.amax(dim=1)  # padding zeros cannot change it: the C max starts from 0 as well
-    inv = 1.0 / am
-    c = torch.clamp(xb * inv.view(-1, 1), -1.0, 1.0)
-    u = (c + 1.0) * 0.5
-    t = (u.double() * 65535.0 + 0.5).float()
-    nan = torch.isnan(t)
-    idx = torch.where(nan, torch.zeros((), dtype=t.dtype), t).to(torch.int64)
-    codes = lut[idx].to(torch.uint8)
-    codes[am == 0] = 0
-    return codes.reshape(-1)[:n].clone(), am
+    x = np.zeros(nb * bs, dtype=np.float32)
+    x[:n] = values.numpy()
+    xb = x.reshape(nb, bs)
+    a = np.abs(x)
+    np.fmax(a, np.float32(0.0), out=a)  # NaN -> 0: std::max(am, NaN) keeps am
+    am = a.reshape(nb, bs).max(axis=1)  # the C max starts from 0, so zero padding is neutral
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.float32(1.0) / am
+        np.multiply(xb, inv[:, None], out=xb)
+        np.clip(x, np.float32(-1.0), np.float32(1.0), out=x)  # NaN stays NaN, like std::clamp
+        np.add(x, np.float32(1.0), out=x)
+        np.multiply(x, np.float32(0.5), out=x)
+        t = x.astype(np.float64)
+        np.multiply(t, 65535.0, out=t)
+        np.add(t, 0.5, out=t)
+        t32 = t.astype(np.float32)
+        np.nan_to_num(t32, copy=False, nan=0.0)
+        idx = t32.astype(np.int32)  # truncation toward zero, like cvttss2si
+    codes = np.take(lut, idx)
+    codes.reshape(nb, bs)[am == 0] = 0  # all-zero block: memset(0)
+    return torch.from_numpy(codes[:n].copy()), torch.from_numpy(am)
 
 
 def _quant_state_json(payload: dict[str, Any]) -> torch.Tensor:
@@ -435,8 +474,10 @@ def _quantize_int8(weight: torch.Tensor, threads: int, chunk: int) -> dict[str, 
         raise ValueError(f"int8 quantization expects a 2-D Linear weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     out = torch.empty((rows, cols), dtype=torch.int8)
-    scb = torch.empty(rows, dtype=torch.float32)
-    rows_per_chunk = max(1, chunk // max(cols, 1))
+    # Row maxima stay float16 until the end and are widened in one call like bitsandbytes'
+    # ``.values.float()``: torch's scalar and vector half->float paths give different NaN bits.
+    rowmax16 = torch.empty(rows, dtype=torch.float16)
+    rows_per_chunk = _split(rows * cols, cols, chunk, threads) // cols
     n_chunks = -(-rows // rows_per_chunk)
 
     def make_state() -> dict[str, torch.Tensor]:
@@ -458,15 +499,20 @@ def _quantize_int8(weight: torch.Tensor, threads: int, chunk: int) -> dict[str, 
             h.copy_(src)  # Int8Params._quantize casts to float16 before quantizing
         habs = st["habs"][:m]
         torch.abs(h, out=habs)
-        stats = scb[r0:r1]
-        stats.copy_(torch.amax(habs, dim=1))  # == torch.max(A.abs(), dim=1).values.float()
-        scale = 127.0 / stats.unsqueeze(-1)  # same expression: reciprocal() * 127.0
+        rowmax = rowmax16[r0:r1]
+        torch.amax(habs, dim=1, out=rowmax)  # == torch.max(A.abs(), dim=1).values unless NaN
+        nan_rows = torch.isnan(rowmax)
+        if nan_rows.any():  # keep the input's NaN bits like max(dim) does (see the 4-bit path)
+            idx = torch.nonzero(nan_rows).view(-1)
+            rowmax[idx] = torch.max(habs[idx], dim=1).values
+        scale = 127.0 / rowmax.float().unsqueeze(-1)  # same expression: reciprocal() * 127.0
         f = st["f"][:m]
         torch.mul(h, scale, out=f)  # fp16 * fp32 -> computed in float32, like A * scale
         torch.round(f, out=f)
         out[r0:r1].copy_(f)
 
     _run_chunks(n_chunks, threads, make_state, work)
+    scb = rowmax16.float()
     return {"weight": out, "SCB": scb, "weight_format": torch.tensor(0, dtype=torch.uint8)}
 
 
@@ -498,8 +544,11 @@ def quantize_weight(
         quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"``.
         blocksize: 4-bit block size, one of :data:`SUPPORTED_BLOCKSIZES`. Ignored for int8.
         double_quant: 4-bit only: also quantize the absmax statistics (``bnb_4bit_use_double_quant``).
-        threads: worker threads; ``None`` uses ``torch.get_num_threads()``. While several workers run,
-            torch's intra-op thread count is temporarily set to 1 (restored afterwards).
+        threads: worker threads; ``None`` uses ``torch.get_num_threads()`` capped at
+            :data:`MAX_DEFAULT_THREADS`. While the workers run,
+            torch's (process-wide) intra-op thread count is set to 1 and restored afterwards;
+            concurrent calls are serialized. The result does not depend on ``threads``; with double
+            quant it does depend on ``torch.get_num_threads()`` exactly as bitsandbytes' does.
         chunk_elements: elements per work item (rounded down to whole blocks); bounds scratch memory
             to about 11 bytes per element per worker. Defaults to :data:`DEFAULT_CHUNK_ELEMENTS`.
 
@@ -523,10 +572,12 @@ def quantize_weight(
     if weight.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"weight dtype must be float16, bfloat16 or float32, got {weight.dtype}")
     if weight.device.type != "cpu":
-        raise ValueError(f"weight must be on the CPU (bitsandbytes' CPU backend is the reference), got {weight.device}")
+        raise ValueError(
+            f"weight must be on the CPU (bitsandbytes' CPU backend is the reference), got {weight.device}"
+        )
     if weight.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
-    threads = torch.get_num_threads() if threads is None else threads
+    threads = min(torch.get_num_threads(), MAX_DEFAULT_THREADS) if threads is None else threads
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     chunk = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
@@ -536,46 +587,77 @@ def quantize_weight(
     weight = weight.detach()
     if not weight.is_contiguous():
         weight = weight.contiguous()
-    if quant_type == "int8":
-        return _quantize_int8(weight, threads, chunk)
-    return _quantize_4bit(weight, quant_type, blocksize, double_quant, threads, chunk)
+    with _CALL_LOCK:
+        if quant_type == "int8":
+            return _quantize_int8(weight, threads, chunk)
+        return _quantize_4bit(weight, quant_type, blocksize, double_quant, threads, chunk)
 
 
 # ----------------------------------------------------------------------------------------------
 # quantization_config / skip modules
 # ----------------------------------------------------------------------------------------------
 
-# LLaVA module roots: (legacy checkpoint / transformers<4.52 in-memory path, transformers>=4.52 path).
-_LLAVA_LAYOUTS: tuple[tuple[str, str], ...] = (
-    ("language_model.lm_head", "lm_head"),
-    ("language_model.model", "model.language_model"),
-    ("vision_tower", "model.vision_tower"),
-    ("multi_modal_projector", "model.multi_modal_projector"),
+# A LlavaForConditionalGeneration's module paths in the three layouts transformers has used:
+#   legacy   (checkpoint keys; in-memory before 4.52): language_model.model.*, language_model.lm_head,
+#            vision_tower.vision_model.*, multi_modal_projector.*
+#   4.52-4.x (in memory):  model.language_model.*, lm_head, model.vision_tower.vision_model.*,
+#            model.multi_modal_projector.*
+#   5.x      (in memory):  model.language_model.*, lm_head, model.vision_tower.* (CLIPVisionModel
+#            drops its ``vision_model`` level), model.multi_modal_projector.*
+# Each rule maps a legacy root to its spellings in the later layouts.
+_LLAVA_ROOTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("language_model.lm_head", ("lm_head",)),
+    ("language_model.model", ("model.language_model",)),
+    ("vision_tower.vision_model", ("model.vision_tower.vision_model", "model.vision_tower")),
+    ("vision_tower", ("model.vision_tower",)),
+    ("multi_modal_projector", ("model.multi_modal_projector",)),
 )
 
 
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + ".")
+
+
+def _to_legacy(path: str) -> str:
+    """Any layout's LLaVA module path -> the legacy (checkpoint) spelling; other names unchanged."""
+    if _under(path, "model.vision_tower.vision_model"):
+        return path[len("model.") :]
+    if path == "model.vision_tower":
+        return "vision_tower"
+    if path.startswith("model.vision_tower."):  # 5.x: the CLIP ``vision_model`` level is gone
+        return "vision_tower.vision_model." + path[len("model.vision_tower.") :]
+    for legacy, later in _LLAVA_ROOTS:
+        for root in later:
+            if _under(path, root):
+                return legacy + path[len(root) :]
+    return path
+
+
 def _layout_aliases(name: str) -> list[str]:
-    """``name`` plus its spelling in the other LLaVA layout (if it lives under a known root)."""
+    """``name`` followed by its spellings in every LLaVA layout (if it lives under a known root)."""
+    legacy = _to_legacy(name)
     out = [name]
-    for legacy, current in _LLAVA_LAYOUTS:
-        for src, dst in ((legacy, current), (current, legacy)):
-            if name == src or name.startswith(src + "."):
-                alias = dst + name[len(src) :]
-                if alias not in out:
-                    out.append(alias)
-                return out
+    for root, later in _LLAVA_ROOTS:
+        if _under(legacy, root):
+            rest = legacy[len(root) :]
+            for spelling in (legacy, *(r + rest for r in later)):
+                if spelling not in out:
+                    out.append(spelling)
+            break
     return out
 
 
 def expand_skip_modules(skip_modules: Iterable[str]) -> list[str]:
-    """Spell each skip entry in both LLaVA layouts, so every transformers version reads it the same.
+    """Spell each skip entry in every LLaVA layout, so every transformers version reads it the same.
 
     Args:
-        skip_modules: module names (or subtree roots) in either layout, e.g. ``"lm_head"``,
-            ``"vision_tower"``, ``"language_model.model.layers.0.mlp"``.
+        skip_modules: module names (or subtree roots) in any layout, e.g. ``"lm_head"``,
+            ``"vision_tower"``, ``"language_model.model.layers.0.mlp"``,
+            ``"model.vision_tower.encoder.layers.0"``; names outside the LLaVA roots (``"k_proj"``)
+            are kept as they are.
 
     Returns:
-        The de-duplicated list, order preserved, each entry followed by its alias.
+        The de-duplicated list, order preserved, each entry followed by its other spellings.
 
     Raises:
         ValueError: an entry is empty, not a string, or starts/ends with a dot.
@@ -594,26 +676,25 @@ def module_is_skipped(module_path: str, skip_modules: Iterable[str]) -> bool:
     """Whether a Linear at ``module_path`` stays unquantized under ``skip_modules``.
 
     This is the meaning :func:`bnb_quantization_config` guarantees for every transformers version:
-    the module is skipped iff it *is*, or lies *under*, one of the skip entries (in either layout),
-    or its last path component equals an entry that has no dot (bare leaf names such as
-    ``"lm_head"`` match anywhere, in 4.x by child name and in 5.x by suffix). Use it to decide which
-    weights to quantize when writing the checkpoint.
+    the module is skipped iff it *is*, or lies *under*, one of the skip entries (compared in the
+    legacy layout, so any spelling works), or its last path component equals an entry without a dot
+    (bare leaf names such as ``"k_proj"`` match anywhere: 4.x by child name, 5.x by suffix). Use it to
+    decide which weights to quantize when writing the checkpoint.
 
     Args:
-        module_path: dotted module path in either layout (``language_model.model.layers.0.mlp.up_proj``
-            or ``model.language_model.layers.0.mlp.up_proj``); a trailing ``.weight`` is ignored.
+        module_path: dotted module path in any layout (``language_model.model.layers.0.mlp.up_proj``,
+            ``model.language_model.layers.0.mlp.up_proj``); a trailing ``.weight`` is ignored.
         skip_modules: the entries passed to :func:`bnb_quantization_config`.
 
     Returns:
         True if the module must be written unquantized.
     """
-    path = module_path.removesuffix(".weight")
+    path = _to_legacy(module_path.removesuffix(".weight"))
     leaf = path.rsplit(".", 1)[-1]
-    paths = _layout_aliases(path)
-    for entry in expand_skip_modules(skip_modules):
+    for entry in skip_modules:
         if "." not in entry and leaf == entry:
             return True
-        if any(p == entry or p.startswith(entry + ".") for p in paths):
+        if _under(path, _to_legacy(entry)):
             return True
     return False
 
@@ -630,25 +711,28 @@ def bnb_quantization_config(
     Skip list semantics differ between versions (transformers source, checked):
 
     * 4.36 ``_replace_with_bnb_linear``: a Linear is skipped if its child name is in the list or any
-      entry is a *substring* of its dotted path. ~4.40-4.57: child name in the list, or
-      ``entry + "."`` is a substring, or ``entry == path``.
+      entry is a *substring* of its dotted path. Later 4.x: child name in the list, or
+      ``entry + "."`` is a substring, or ``entry == path``. (4.36 loads pre-quantized int8 only;
+      pre-quantized 4-bit needs transformers >= 4.37 with bitsandbytes >= 0.41.3.)
     * 5.x ``should_convert_module``: skipped if an entry matches *from the start* of the path up to a
       module boundary (the entry is used as a regex), or the path *ends with* the entry. There is no
       inheritance from parent modules and no substring match, so ``"vision_tower"`` does **not** skip
       ``model.vision_tower.vision_model...q_proj``.
     * In every version, passing any list replaces the default skip (``get_keys_to_not_convert``, i.e.
       the output embedding ``lm_head``), so ``lm_head`` must be listed explicitly to stay unquantized.
-    * The in-memory paths differ too: a LlavaForConditionalGeneration is ``language_model.model.*``,
-      ``language_model.lm_head``, ``vision_tower.*``, ``multi_modal_projector.*`` before transformers
-      4.52 (the legacy checkpoint layout), and ``model.language_model.*``, ``lm_head``,
-      ``model.vision_tower.*``, ``model.multi_modal_projector.*`` from 4.52 and in 5.x (which renames
-      legacy checkpoint keys on load, quantization statistics included).
+    * The in-memory paths differ too. A LlavaForConditionalGeneration is ``language_model.model.*``,
+      ``language_model.lm_head``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*`` before
+      transformers 4.52 (the legacy checkpoint layout); ``model.language_model.*``, ``lm_head``,
+      ``model.vision_tower.vision_model.*``, ``model.multi_modal_projector.*`` from 4.52; and in 5.x
+      ``model.language_model.*``, ``lm_head``, ``model.vision_tower.*`` (CLIPVisionModel loses its
+      ``vision_model`` level), ``model.multi_modal_projector.*``. 5.x renames legacy checkpoint keys
+      on load, the ``.weight.absmax``/``.weight.quant_state...`` suffixes included.
 
-    Therefore every entry is written in both layouts (:func:`expand_skip_modules`): for example
+    Therefore every entry is written in every layout (:func:`expand_skip_modules`): for example
     ``["lm_head", "vision_tower", "multi_modal_projector"]`` becomes ``["lm_head",
     "language_model.lm_head", "vision_tower", "model.vision_tower", "multi_modal_projector",
     "model.multi_modal_projector"]``, which skips exactly the LM head, the whole vision tower and the
-    projector under all three rules (4.x by child name/substring, 5.x by prefix/suffix). Entries
+    projector under all the rules (4.x by child name/substring, 5.x by prefix/suffix). Entries
     should name whole modules or subtrees; note that 4.36's substring rule makes
     ``...layers.1`` also match ``...layers.10`` and 5.x treats ``.`` as a regex wildcard, so avoid
     entries that are a prefix of a sibling's name. :func:`module_is_skipped` gives the resulting
@@ -659,7 +743,7 @@ def bnb_quantization_config(
         double_quant: ``bnb_4bit_use_double_quant`` (must match what :func:`quantize_weight` used;
             the loader actually reads it from each weight's quant state).
         compute_dtype: ``bnb_4bit_compute_dtype``: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
-        skip_modules: modules to keep unquantized, in either LLaVA layout.
+        skip_modules: modules to keep unquantized, in any LLaVA layout.
 
     Returns:
         A JSON-serializable dict.
@@ -687,4 +771,3 @@ def bnb_quantization_config(
         "load_in_8bit": not four_bit,
         "quant_method": "bitsandbytes",
     }
-

@@ -47,14 +47,22 @@ class OriginalCheckpoint:
 
     path: Path
     config: dict[str, Any]
-    form: str  # "full" (more forms: see issue tracker)
+    form: str  # "full" | "lora" | "projector" | "delta" (see forms.py)
     backbone: str  # "llama" | "mistral"
     weight_files: list[Path]
+    base: Path | None = None  # the base LLM a lora / projector / delta checkpoint is applied to
+    repo_id: str | None = None  # when SOURCE was given as a Hub repo id
+    tokenizer_path: Path | None = None
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where the authors' builder takes the tokenizer (and the model its generation config) from."""
+        return self.tokenizer_path or self.path
 
     @property
     def name(self) -> str:
         """The authors' `get_model_name_from_path`: the folder name, with its parent for `checkpoint-N`."""
-        parts = self.path.resolve().parts
+        parts = Path(self.repo_id).parts if self.repo_id else self.path.resolve().parts
         if parts[-1].startswith("checkpoint-") and len(parts) > 1:
             return f"{parts[-2]}_{parts[-1]}"
         return parts[-1]
@@ -73,8 +81,12 @@ class OriginalCheckpoint:
         return bool(self.config.get("unfreeze_mm_vision_tower", False))
 
 
-def open_original(path: Path) -> OriginalCheckpoint:
-    """Recognise SOURCE as an original LLaVA checkpoint, or explain what it is instead."""
+def open_original(path: Path, *, form: str = "full", repo_id: str | None = None) -> OriginalCheckpoint:
+    """Recognise SOURCE as an original LLaVA checkpoint, or explain what it is instead.
+
+    `form` (from `forms.detect_form`) says which files hold its weights; a lora / projector / delta
+    checkpoint still needs its base LLM (`forms.open_source` attaches it).
+    """
     if not path.exists():
         raise LlavaConvertError(f"{path}: no such directory")
     if not path.is_dir():
@@ -98,7 +110,31 @@ def open_original(path: Path) -> OriginalCheckpoint:
         raise LlavaConvertError(f"{cfg_path}: no mm_vision_tower; not a multimodal LLaVA checkpoint")
     backbone = "mistral" if model_type == "llava_mistral" else "llama"
     check_projector(config, cfg_path)
-    return OriginalCheckpoint(path, config, "full", backbone, weight_files(path))
+    if form == "lora":
+        files = [adapter_file(path), path / NON_LORA]
+        if not files[1].is_file():
+            raise LlavaConvertError(
+                f"{files[1]}: file not found; a LLaVA LoRA run saves the projector (and any other non-LoRA "
+                "trained weights) there, and the authors' loader needs it too"
+            )
+    elif form == "projector":
+        files = [path / PROJECTOR]
+    else:
+        files = weight_files(path)
+    return OriginalCheckpoint(path, config, form, backbone, files, repo_id=repo_id)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+NON_LORA = "non_lora_trainables.bin"
+PROJECTOR = "mm_projector.bin"
+
+
+def adapter_file(path: Path) -> Path:
+    """The PEFT adapter weights of a LoRA directory (safetensors preferred, as PEFT loads them)."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    raise LlavaConvertError(f"{path}: {ADAPTER_CONFIG} but no adapter_model.safetensors or adapter_model.bin")
 
 
 def check_projector(config: dict[str, Any], cfg_path: Path) -> None:
@@ -135,16 +171,32 @@ def open_vision_tower(path: Path, *, need_weights: bool) -> VisionTower:
     return VisionTower(path, dict(vision), pre, files)
 
 
-def find_vision_tower(ckpt: OriginalCheckpoint, override: Path | None) -> VisionTower:
-    """The CLIP tower the authors' code would use: `--vision-tower`, else `mm_vision_tower` when local."""
+def find_vision_tower(ckpt: OriginalCheckpoint, override: Path | str | None) -> VisionTower:
+    """The CLIP tower the authors' code would use: `--vision-tower`, else `mm_vision_tower`.
+
+    Either may be a local directory or a Hub repo id (`openai/clip-vit-large-patch14-336`), fetched with
+    huggingface_hub (config, image-processor config and, unless the checkpoint carries the tower, weights).
+    """
+    from .hub import locate, parse_repo_id
+
     need_weights = not ckpt.tower_in_checkpoint
     if override is not None:
-        return open_vision_tower(override, need_weights=need_weights)
+        found = locate(override, role="--vision-tower", tower=True, weights=need_weights)
+        return open_vision_tower(found.path, need_weights=need_weights)
     name = ckpt.config.get("mm_vision_tower") or ckpt.config.get("vision_tower")
     if name and Path(name).is_dir():
         return open_vision_tower(Path(name), need_weights=need_weights)
-    raise LlavaConvertError(
-        f"{ckpt.path / 'config.json'}: vision tower {name!r} is not a local directory; pass "
-        "--vision-tower PATH (a CLIP directory with config.json, preprocessor_config.json"
+    hint = (
+        "pass --vision-tower PATH (a CLIP directory with config.json, preprocessor_config.json"
         + (")" if ckpt.tower_in_checkpoint else " and weights)")
     )
+    if name and parse_repo_id(str(name)):
+        try:
+            found = locate(str(name), role="mm_vision_tower", tower=True, weights=need_weights)
+        except LlavaConvertError as e:
+            raise LlavaConvertError(
+                f"{ckpt.path / 'config.json'}: vision tower {name!r} is not a local directory; {hint}, "
+                f"or make it available from the Hub ({str(e).split(': ', 1)[-1]})"
+            ) from None
+        return open_vision_tower(found.path, need_weights=need_weights)
+    raise LlavaConvertError(f"{ckpt.path / 'config.json'}: vision tower {name!r} is not a local directory; {hint}")

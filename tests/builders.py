@@ -218,3 +218,165 @@ def write_state(ckpt: Path, sd: dict[str, torch.Tensor], *, fmt: str, shards: in
     if shards > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in sd.values())}, "weight_map": weight_map}
         (ckpt / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+
+
+# --- other forms (issue #4): base LLM, LoRA adapter, projector-only, delta --------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def base_config(**overrides) -> dict:
+    """config.json of a plain Llama LLM (lmsys/vicuna-7b-v1.5 form)."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "vocab_size": VOCAB,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_base(
+    root: Path, name: str = "vicuna-tiny-v1.5", *, seed: int = 5, fmt: str = "safetensors", shards: int = 1,
+    state: dict[str, torch.Tensor] | None = None, **config_overrides,
+) -> Path:
+    """A tiny base LLM directory: config.json, generation_config.json, tokenizer, weights (no projector)."""
+    path = root / name
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    sd = state if state is not None else llm_state(gen, projector="none")
+    (path / "config.json").write_text(json.dumps(base_config(**config_overrides), indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "max_length": 4096}))
+    write_tokenizer(path)
+    write_state(path, sd, fmt=fmt, shards=shards)
+    return path
+
+
+def projector_state(gen: torch.Generator, prefix: str = "model.mm_projector.") -> dict[str, torch.Tensor]:
+    return {
+        prefix + "0.weight": _rand(gen, HIDDEN, V_HIDDEN),
+        prefix + "0.bias": _rand(gen, HIDDEN),
+        prefix + "2.weight": _rand(gen, HIDDEN, HIDDEN),
+        prefix + "2.bias": _rand(gen, HIDDEN),
+    }
+
+
+def lora_factors(
+    gen: torch.Generator, *, r: int = 4, targets=LORA_TARGETS, layers: int = LAYERS, std: float = 0.3,
+) -> dict[str, torch.Tensor]:
+    """PEFT-saved LoRA factors (`base_model.model.<module>.lora_{A,B}.weight`) for the tiny Llama."""
+    shapes = {
+        "q_proj": (HIDDEN, HIDDEN), "k_proj": (KV_HEADS * HIDDEN // HEADS, HIDDEN),
+        "v_proj": (KV_HEADS * HIDDEN // HEADS, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
+        "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER),
+    }
+    sd = {}
+    for i in range(layers):
+        for t in targets:
+            part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            out_f, in_f = shapes[t]
+            p = f"base_model.model.model.layers.{i}.{part}.{t}"
+            sd[p + ".lora_A.weight"] = _rand(gen, r, in_f, std=std)
+            sd[p + ".lora_B.weight"] = _rand(gen, out_f, r, std=std)
+    return sd
+
+
+def write_lora(
+    root: Path,
+    name: str = "llava-v1.5-tiny-lora",
+    *,
+    r: int = 4,
+    alpha: int = 8,
+    targets=LORA_TARGETS,
+    factors: dict[str, torch.Tensor] | None = None,
+    non_lora: dict[str, torch.Tensor] | None = None,
+    adapter_format: str = "safetensors",
+    base_model_name_or_path: str | None = "lmsys/vicuna-7b-v1.5",
+    adapter_overrides: dict | None = None,
+    seed: int = 7,
+    **config_overrides,
+) -> Path:
+    """A LoRA run saved like llava/train/train.py: config.json, adapter_config.json + adapter_model.*,
+    non_lora_trainables.bin (projector, keys `base_model.model.model.mm_projector.*`), no tokenizer."""
+    clip = root / "clip"
+    if not clip.exists():
+        write_clip(clip)
+    path = root / name
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    (path / "config.json").write_text(
+        json.dumps(original_config(clip, model_type="llava_llama", **config_overrides), indent=2)
+    )
+    acfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": list(targets),
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    acfg.update(adapter_overrides or {})
+    (path / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
+    sd = factors if factors is not None else lora_factors(gen, r=r, targets=targets)
+    if adapter_format == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "adapter_model.safetensors"))
+    else:
+        torch.save(sd, path / "adapter_model.bin")
+    nl = non_lora if non_lora is not None else projector_state(gen, "base_model.model.model.mm_projector.")
+    torch.save(nl, path / "non_lora_trainables.bin")
+    return path
+
+
+def write_projector(
+    root: Path, name: str = "llava-v1.5-mlp2x-tiny-pretrain", *, seed: int = 8, state=None, **config_overrides
+) -> Path:
+    """A pretrain-stage save: config.json + mm_projector.bin (keys `model.mm_projector.*`)."""
+    clip = root / "clip"
+    if not clip.exists():
+        write_clip(clip)
+    path = root / name
+    path.mkdir(parents=True)
+    cfg = original_config(clip, model_type="llava_llama", tune_mm_mlp_adapter=True, _name_or_path="lmsys/vicuna-7b-v1.5")
+    cfg.update(config_overrides)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    sd = state if state is not None else projector_state(torch.Generator().manual_seed(seed))
+    torch.save({k: v.to(torch.bfloat16) for k, v in sd.items()}, path / "mm_projector.bin")
+    return path
+
+
+def write_delta(
+    root: Path, base_state: dict[str, torch.Tensor], name: str = "llava-tiny-delta-v1", *, extra_rows: int = 0,
+    seed: int = 9, state: dict[str, torch.Tensor] | None = None, **config_overrides,
+) -> Path:
+    """Delta weights (target - base, small values), `extra_rows` new vocab rows in embed / lm_head,
+    linear projector only in the delta (the authors' make_delta form), tokenizer."""
+    gen = torch.Generator().manual_seed(seed)
+    if state is None:
+        state = {}
+        for k, v in base_state.items():
+            shape = list(v.shape)
+            if k in ("model.embed_tokens.weight", "lm_head.weight"):
+                shape[0] += extra_rows
+            state[k] = _rand(gen, *shape, std=0.01)
+        state["model.mm_projector.weight"] = _rand(gen, HIDDEN, V_HIDDEN)
+        state["model.mm_projector.bias"] = _rand(gen, HIDDEN)
+    overrides = {"vocab_size": VOCAB + extra_rows, "mm_projector_type": "linear", **config_overrides}
+    return write_original(root, name, fmt="safetensors", shards=1, projector="linear", state=state, **overrides)

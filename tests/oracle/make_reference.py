@@ -11,6 +11,9 @@ For every case it writes ``ROOT/<case>/``::
     clip/               tiny full CLIPModel (text + vision) + legacy openai preprocessor_config.json;
                         its absolute path is the checkpoint config's ``mm_vision_tower``
     reference.pt        the authors' outputs (torch.load(..., weights_only=True) safe)
+    <base-dir>/         LoRA / projector-only / delta cases only: the base LLM the checkpoint needs
+                        (a plain LlamaForCausalLM with tokenizer); the reference is what the authors'
+                        loader makes of the pair (see CASES and ``float32_loads``)
 
 The checkpoint is built with the authors' classes, saved in float16, then loaded back exactly like
 users do (``load_pretrained_model(path, None, get_model_name_from_path(path), device="cpu")``), cast
@@ -24,6 +27,7 @@ weights), independent of ROOT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,7 +51,13 @@ import llava  # noqa: E402,F401
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from images import test_images  # noqa: E402
-from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX  # noqa: E402
+from llava.constants import (  # noqa: E402
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_PATCH_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+)
 from llava.conversation import conv_templates  # noqa: E402
 from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token  # noqa: E402
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM, LlavaMistralConfig, LlavaMistralForCausalLM  # noqa: E402
@@ -57,6 +67,8 @@ from transformers import (  # noqa: E402
     CLIPModel,
     CLIPTextConfig,
     CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     LlamaTokenizer,
 )
 
@@ -269,6 +281,87 @@ MM_COMMON = dict(
     mm_projector_lr=None,
 )
 
+IM_TOKENS = (DEFAULT_IMAGE_PATCH_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN)
+
+# The other forms original checkpoints come in (issue #4). Each case directory also holds the base LLM
+# the form needs (a plain HF LlamaForCausalLM with its tokenizer, fp16 .bin shards like
+# lmsys/vicuna-7b-v1.5), and the reference is what the authors' loader makes of the pair. Seeds picked
+# by the same kind of sweep (0..59): min greedy margin >= 0.3 and three different continuations.
+CASES.update({
+    # liuhaotian/llava-v1.5-7b-lora form, saved the way llava/train/train.py saves a LoRA run: config.json
+    # (llava config), adapter_config.json + adapter_model.bin (PEFT, all linear layers of the LLM),
+    # non_lora_trainables.bin (the projector, keys base_model.model.model.mm_projector.*), no tokenizer.
+    # Reference: load_pretrained_model(lora_dir, base_dir, name) -> the builder's LoRA branch (merge).
+    "lora": dict(
+        seed=26,
+        form="lora",
+        dir_name="llava-v1.5-tiny-lora",
+        base_name="vicuna-tiny-v1.5",
+        lm=dict(pad_token_id=0),
+        tower=dict(image_size=28, patch_size=14),
+        mm=dict(mm_projector_type="mlp2x_gelu", image_aspect_ratio="pad"),
+        lora=dict(r=8, lora_alpha=16),
+    ),
+    # Pretrain-stage (projector-only) save, llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 form:
+    # config.json + mm_projector.bin (bf16, keys model.mm_projector.*); image_aspect_ratio "square"
+    # (the pretrain default). Reference: the builder's projector-only branch (model_base given).
+    "projector": dict(
+        seed=6,
+        form="projector",
+        dir_name="llava-v1.5-mlp2x-tiny-pretrain",
+        base_name="vicuna-tiny-v1.5",
+        lm=dict(pad_token_id=0),
+        tower=dict(image_size=28, patch_size=14),
+        mm=dict(mm_projector_type="mlp2x_gelu", image_aspect_ratio="square", tune_mm_mlp_adapter=True),
+    ),
+    # LLaVA v0 delta form (liuhaotian/LLaVA-13b-delta-v0): made by the authors' make_delta against a
+    # LLaMA base; 3 extra vocab rows (<im_patch>, <im_start>, <im_end>, mm_use_im_start_end), linear
+    # projector, v0 config keys (no image_aspect_ratio, no mm_use_im_patch_token: defaults to true).
+    # Reference: the authors' apply_delta -> target, loaded by load_pretrained_model(target, None, name).
+    "delta": dict(
+        seed=58,
+        form="delta",
+        dir_name="LLaVA-tiny-delta-v0",
+        target_name="LLaVA-tiny-v0",
+        base_name="llama-tiny",
+        lm=dict(pad_token_id=0),
+        tower=dict(image_size=28, patch_size=14),
+    ),
+    # Self-trained full fine-tune, read from a HF Trainer checkpoint-N/ folder (the authors' model name is
+    # parent_checkpoint-N), trained with mm_use_im_start_end and mm_use_im_patch_token: the tokenizer was
+    # saved with <im_patch>/<im_start>/<im_end> (ids 400-402) and the embeddings hold their trained rows.
+    "selftrained": dict(
+        seed=3,
+        dir_name="llava-v1.5-tiny-imstart/checkpoint-3",
+        arch="llama",
+        lm=dict(pad_token_id=0, vocab_size=403),
+        tower=dict(image_size=28, patch_size=14),
+        mm=dict(
+            mm_projector_type="mlp2x_gelu",
+            image_aspect_ratio="pad",
+            mm_use_im_start_end=True,
+            mm_use_im_patch_token=True,
+        ),
+        unfreeze=False,
+        stray_tower=False,
+        safe=True,
+        shard="150KB",
+        model_type=None,
+        keep_keys=None,
+        added_tokens=IM_TOKENS,
+        trainer_files=True,
+    ),
+})
+
+# Key set of the LLaVA v0 delta configs (July-2023 code, transformers 4.28).
+V0_KEYS = {
+    "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "hidden_act", "hidden_size",
+    "initializer_range", "intermediate_size", "max_position_embeddings", "max_sequence_length",
+    "mm_hidden_size", "mm_use_im_start_end", "mm_vision_select_layer", "mm_vision_tower", "model_type",
+    "num_attention_heads", "num_hidden_layers", "pad_token_id", "rms_norm_eps", "tie_word_embeddings",
+    "torch_dtype", "transformers_version", "tune_mm_mlp_adapter", "use_cache", "use_mm_proj", "vocab_size",
+}
+
 # ---------------------------------------------------------------------------------------------------
 # Seeded initialisation
 # ---------------------------------------------------------------------------------------------------
@@ -360,11 +453,17 @@ def build_clip(clip_dir: Path, tower: dict, seed: int) -> CLIPVisionConfig:
     return vision
 
 
-def save_tokenizer(ckpt_dir: Path) -> None:
-    """Tiny Llama SentencePiece tokenizer laid out like llava-v1.5-7b ships it."""
+def save_tokenizer(ckpt_dir: Path, added: tuple[str, ...] = ()) -> None:
+    """Tiny Llama SentencePiece tokenizer laid out like llava-v1.5-7b ships it.
+
+    ``added``: tokens the authors' training adds (``initialize_vision_tokenizer``: ``<im_patch>``, then
+    ``<im_start>``, ``<im_end>``), saved with the tokenizer as the HF Trainer does.
+    """
     tok = LlamaTokenizer(vocab_file=str(SPM_MODEL), legacy=False)
     tok.model_max_length = 2048
     tok.padding_side = "right"
+    for t in added:
+        tok.add_tokens([t], special_tokens=True)
     tok.save_pretrained(ckpt_dir)
     cfg_path = ckpt_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -384,7 +483,7 @@ def build_checkpoint(case: str, spec: dict, case_dir: Path) -> Path:
 
     ckpt_dir = case_dir / spec["dir_name"]
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(ckpt_dir)
+    save_tokenizer(ckpt_dir, spec.get("added_tokens", ()))
 
     lm = {**TINY_LM, **spec["lm"]}
     mm = {**MM_COMMON, **spec["mm"]}
@@ -438,7 +537,184 @@ def build_checkpoint(case: str, spec: dict, case_dir: Path) -> Path:
     if spec["keep_keys"] is not None:
         cfg = {k: v for k, v in cfg.items() if k in spec["keep_keys"]}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if spec.get("trainer_files"):
+        write_trainer_files(ckpt_dir)
     return ckpt_dir
+
+
+def write_trainer_files(ckpt_dir: Path) -> None:
+    """What a HF Trainer checkpoint-N/ folder holds besides the model (the converter must ignore them)."""
+    (ckpt_dir / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": []}, indent=2) + "\n")
+    torch.save({"learning_rate": 2e-5}, ckpt_dir / "training_args.bin")
+    torch.save({"python": 0}, ckpt_dir / "rng_state.pth")
+
+
+def build_base_llm(base_dir: Path, lm: dict, seed: int) -> dict[str, torch.Tensor]:
+    """A plain Llama LLM (the lmsys/vicuna-7b-v1.5 form): LlamaForCausalLM, fp16 .bin shards + index, tokenizer."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**lm)).float().eval()
+    init_params(model, torch.Generator().manual_seed(seed), gain=1.5, head_gain=HEAD_GAIN, embed_std=1.0,
+                row_spread=ROW_SPREAD)
+    model = model.half()
+    base_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(base_dir, safe_serialization=False, max_shard_size="100KB")
+    save_tokenizer(base_dir)
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def _llava_on_base(spec: dict, case_dir: Path) -> tuple[LlavaLlamaForCausalLM, Path]:
+    """clip/ + the base LLM, and a float32 LLaVA model holding the base's weights and a seeded projector."""
+    seed = spec["seed"]
+    clip_dir = (case_dir / "clip").resolve()
+    vision_cfg = build_clip(clip_dir, spec["tower"], seed + 7)
+    lm = {**TINY_LM, **spec["lm"]}
+    base_dir = case_dir / spec["base_name"]
+    base_sd = build_base_llm(base_dir, lm, seed + 3)
+    mm = {**MM_COMMON, **spec["mm"], "mm_hidden_size": vision_cfg.hidden_size, "mm_vision_tower": str(clip_dir)}
+    config = LlavaConfig(**lm, **mm)
+    config._name_or_path = str(base_dir)  # training starts from_pretrained(model_name_or_path)
+    config.architectures = ["LlavaLlamaForCausalLM"]
+    torch.manual_seed(seed)
+    model = LlavaLlamaForCausalLM(config).float().eval()
+    missing, unexpected = model.load_state_dict(base_sd, strict=False)
+    assert not unexpected and all("mm_projector" in k for k in missing), (missing, unexpected)
+    init_params(model.get_model().mm_projector, torch.Generator().manual_seed(seed), gain=1.5)
+    return model, base_dir
+
+
+@contextlib.contextmanager
+def no_deepspeed():
+    """The authors' ``maybe_zero_3`` imports deepspeed unconditionally; without ZeRO (no ``ds_id`` on any
+    parameter) it only detaches and clones. Stand in for the two names it imports, for the call only."""
+    import types
+
+    names = ["deepspeed", "deepspeed.runtime", "deepspeed.runtime.zero", "deepspeed.runtime.zero.partition_parameters"]
+    assert not any(n in sys.modules for n in names)
+    mods = {n: types.ModuleType(n) for n in names}
+    mods["deepspeed"].zero = None
+    mods["deepspeed.runtime.zero.partition_parameters"].ZeroParamStatus = None
+    sys.modules.update(mods)
+    try:
+        yield
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+
+
+def build_lora(spec: dict, case_dir: Path) -> tuple[Path, Path]:
+    """A LoRA fine-tune saved exactly as llava/train/train.py saves one (lora_enable, bits 16, fp16)."""
+    from llava.train.train import (
+        find_all_linear_names,
+        get_peft_state_maybe_zero_3,
+        get_peft_state_non_lora_maybe_zero_3,
+    )
+    from peft import LoraConfig, get_peft_model
+
+    model, base_dir = _llava_on_base(spec, case_dir)
+    lora = spec["lora"]
+    lora_config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=sorted(find_all_linear_names(model)),
+        lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)
+    for p in model.get_model().mm_projector.parameters():  # initialize_vision_modules makes it trainable
+        p.requires_grad = True
+    gen = torch.Generator().manual_seed(spec["seed"] + 5)
+    with torch.no_grad():  # "training": seeded LoRA factors (PEFT starts B at zero, i.e. no change)
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+            elif "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model = model.half()
+    ckpt_dir = case_dir / spec["dir_name"]
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with no_deepspeed():
+        state_dict = get_peft_state_maybe_zero_3(model.named_parameters(), "none")
+        non_lora_state_dict = get_peft_state_non_lora_maybe_zero_3(model.named_parameters())
+    assert sorted(non_lora_state_dict) == sorted(
+        f"base_model.model.model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")
+    ), sorted(non_lora_state_dict)
+    model.config.save_pretrained(ckpt_dir)
+    # The released LoRA repos ship adapter_model.bin (PEFT 0.4, the authors' pin, wrote .bin).
+    model.save_pretrained(ckpt_dir, state_dict=state_dict, safe_serialization=False)
+    torch.save(non_lora_state_dict, ckpt_dir / "non_lora_trainables.bin")
+    return ckpt_dir, base_dir
+
+
+def build_projector(spec: dict, case_dir: Path) -> tuple[Path, Path]:
+    """A pretrain-stage save (tune_mm_mlp_adapter): config.json + mm_projector.bin, as safe_save_model_for_hf_trainer."""
+    from llava.train.train import get_mm_adapter_state_maybe_zero_3
+
+    model, base_dir = _llava_on_base(spec, case_dir)
+    model = model.to(torch.bfloat16)  # pretraining runs in bf16
+    with no_deepspeed():
+        weights = get_mm_adapter_state_maybe_zero_3(model.named_parameters(), ["mm_projector"])
+    ckpt_dir = case_dir / spec["dir_name"]
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(ckpt_dir)
+    torch.save(weights, ckpt_dir / "mm_projector.bin")
+    return ckpt_dir, base_dir
+
+
+def build_delta(spec: dict, case_dir: Path) -> tuple[Path, Path]:
+    """A v0-style LLaVA fine-tuned from a LLaMA base, turned into a delta by the authors' make_delta."""
+    from llava.model.make_delta import make_delta
+
+    seed = spec["seed"]
+    clip_dir = (case_dir / "clip").resolve()
+    vision_cfg = build_clip(clip_dir, spec["tower"], seed + 7)
+    lm = {**TINY_LM, **spec["lm"]}
+    base_dir = case_dir / spec["base_name"]
+    base_sd = build_base_llm(base_dir, lm, seed + 3)
+
+    target_dir = case_dir / "_make_delta_input" / spec["target_name"]
+    target_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(target_dir, IM_TOKENS)
+    config = LlavaConfig(
+        **{**lm, "vocab_size": lm["vocab_size"] + len(IM_TOKENS)},
+        mm_vision_tower=str(clip_dir), mm_hidden_size=vision_cfg.hidden_size, mm_vision_select_layer=-2,
+        mm_use_im_start_end=True, tune_mm_mlp_adapter=False, use_mm_proj=True,
+    )
+    config.architectures = ["LlavaLlamaForCausalLM"]
+    torch.manual_seed(seed)
+    model = LlavaLlamaForCausalLM(config).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    init_params(model, gen, gain=1.5, head_gain=HEAD_GAIN, embed_std=1.0, row_spread=ROW_SPREAD)
+    with torch.no_grad():  # "fine-tuned from the base": base values plus small seeded changes
+        for name, p in model.named_parameters():
+            if name in base_sd:
+                b = base_sd[name]
+                p[tuple(slice(0, n) for n in b.shape)] = b + 0.05 * torch.randn(b.shape, generator=gen)
+    model.half().save_pretrained(target_dir, safe_serialization=False)
+
+    delta_dir = case_dir / spec["dir_name"]
+    make_delta(str(base_dir), str(target_dir), str(delta_dir), None)
+    cfg_path = delta_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_type"] = "llava"
+    cfg = {k: v for k, v in cfg.items() if k in V0_KEYS}
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # The v0 delta tokenizers predate transformers' `legacy` flag (so 4.36 runs them with legacy=True) and
+    # ship only the SentencePiece files.
+    tok_cfg_path = delta_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg.pop("legacy", None)
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    (delta_dir / "tokenizer.json").unlink()
+    import shutil
+
+    shutil.rmtree(target_dir.parent)
+    return delta_dir, base_dir
+
+
+def apply_delta_float32(base_dir: Path, delta_dir: Path, target_dir: Path) -> Path:
+    """The authors' apply_delta (base + delta, extra vocab rows from the delta), in float32."""
+    from llava.model.apply_delta import apply_delta
+
+    with float32_loads():
+        apply_delta(str(base_dir), str(target_dir), str(delta_dir))
+    return target_dir
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,12 +742,39 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous().clone()
 
 
+@contextlib.contextmanager
+def float32_loads():
+    """Load in float32 where the authors' builder and apply_delta hard-code ``torch_dtype=float16``.
+
+    Only for the LoRA / projector-only / delta cases: there the authors' code computes new weights
+    (LoRA merge, base + delta) in the dtype it loads in, and a float16 merge rounds every merged weight.
+    Loading the same fp16 files in float32 runs the same code paths with float32-precise results, which
+    is what the converter computes with ``--dtype float32``. The other cases never need it (their
+    weights are stored values, and fp16 -> fp32 is exact).
+    """
+    from transformers import modeling_utils
+
+    orig = modeling_utils.PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("torch_dtype") is torch.float16:
+            kwargs["torch_dtype"] = torch.float32
+        return orig(cls, *args, **kwargs)
+
+    modeling_utils.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    try:
+        yield
+    finally:
+        modeling_utils.PreTrainedModel.from_pretrained = classmethod(orig)
+
+
 @torch.inference_mode()
-def make_reference(case: str, ckpt_dir: Path) -> dict:
+def make_reference(case: str, ckpt_dir: Path, *, model_base: Path | None = None, float32: bool = False) -> dict:
     model_name = get_model_name_from_path(str(ckpt_dir))
-    tokenizer, model, image_processor, context_len = load_pretrained_model(
-        str(ckpt_dir), None, model_name, device="cpu"
-    )
+    with float32_loads() if float32 else contextlib.nullcontext():
+        tokenizer, model, image_processor, context_len = load_pretrained_model(
+            str(ckpt_dir), str(model_base) if model_base else None, model_name, device="cpu"
+        )
     tower = model.get_vision_tower()
     loaded = {
         "language_model": str(model.dtype),
@@ -489,8 +792,10 @@ def make_reference(case: str, ckpt_dir: Path) -> dict:
     assert model.lm_head.weight.shape[0] == len(tokenizer), "unexpected vocab resize"
 
     conv_mode = conv_mode_for(model_name)
-    qs = DEFAULT_IMAGE_TOKEN + "\n" + QUESTION  # mm_use_im_start_end is false in every case
-    assert not getattr(model.config, "mm_use_im_start_end", False)
+    if getattr(model.config, "mm_use_im_start_end", False):  # llava/eval/run_llava.py
+        qs = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n" + QUESTION
+    else:
+        qs = DEFAULT_IMAGE_TOKEN + "\n" + QUESTION
     conv = conv_templates[conv_mode].copy()
     conv.append_message(conv.roles[0], qs)
     conv.append_message(conv.roles[1], None)
@@ -587,8 +892,20 @@ def run_case(case: str, out_root: Path) -> None:
     spec = CASES[case]
     case_dir = out_root / case
     case_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = build_checkpoint(case, spec, case_dir)
-    ref = make_reference(case, ckpt_dir)
+    form = spec.get("form", "full")
+    if form == "lora":
+        ckpt_dir, base_dir = build_lora(spec, case_dir)
+        ref = make_reference(case, ckpt_dir, model_base=base_dir, float32=True)
+    elif form == "projector":
+        ckpt_dir, base_dir = build_projector(spec, case_dir)
+        ref = make_reference(case, ckpt_dir, model_base=base_dir, float32=True)
+    elif form == "delta":
+        delta_dir, base_dir = build_delta(spec, case_dir)
+        target = apply_delta_float32(base_dir, delta_dir, case_dir / "authors-apply-delta" / spec["target_name"])
+        ref = make_reference(case, target, float32=True)
+    else:
+        ckpt_dir = build_checkpoint(case, spec, case_dir)
+        ref = make_reference(case, ckpt_dir)
     torch.save(ref, case_dir / "reference.pt")
     dt = time.perf_counter() - t0
     parts = []

@@ -1,0 +1,490 @@
+"""The forms original LLaVA checkpoints come in, each turned into the same thing: the authors' config (a dict),
+`{authors' key name: TensorRef | Composite}` and a tokenizer directory.
+
+    full       config.json + weights (+ tokenizer)        released v1 / v1.5 / v1.6, self-trained saves, checkpoint-N/
+    lora       config.json + adapter_config.json + adapter_model.{safetensors,bin} + non_lora_trainables.bin;
+               needs --base (the LLM it was trained from), whose tokenizer it uses
+    projector  config.json + mm_projector.bin (pretrain stage); needs --base, whose tokenizer it uses
+    delta      config.json + weights holding target - base (v0, v1-1 releases) + tokenizer; needs --base
+
+The mapping tables work on the authors' key names whatever the form, so adding a form adds no table rule.
+A merged tensor is a `Composite`: a lazy tensor computed from stored ones (W + scale * B @ A, base + delta)
+when the writer asks for it, never byte-copied, so memory stays bounded by the largest tensor.
+
+Delta detection: the authors' delta repos (`LLaVA-13b-delta-v0`, `LLaVA-Lightning-7B-delta-v1-1`) have a
+config.json and weights exactly like a full checkpoint; only their name says "delta". So a checkpoint whose
+name has a `delta` word (`-delta-`, `_delta`, ...) is a delta, unless `delta=False` (`--no-delta`) says
+otherwise; `delta=True` (`--delta`) forces it. A name-detected delta whose final norm weights look like full
+weights (mean |w| > 0.5, where a delta holds ~0) is refused, and a full checkpoint whose norm weights are ~0
+gets a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LlavaConvertError
+from .hub import locate
+from .readers import (
+    WEIGHT_INDEX_NAMES,
+    WEIGHT_SINGLE_NAMES,
+    TensorRef,
+    dtype_size,
+    read_checkpoint,
+    read_torch_bin,
+    read_weight_file,
+    weight_files,
+)
+from .source import ADAPTER_CONFIG, PROJECTOR, OriginalCheckpoint, open_original, read_json
+
+NEEDS_BASE = ("lora", "projector", "delta")
+FORM_TITLES = {
+    "full": "full checkpoint",
+    "lora": "LoRA adapter",
+    "projector": "projector-only checkpoint (pretrain stage)",
+    "delta": "delta weights",
+    "hf": "Hugging Face checkpoint",
+}
+EMBED_KEY = "model.embed_tokens.weight"
+LM_HEAD_KEY = "lm_head.weight"
+NORM_KEY = "model.norm.weight"
+_DELTA_WORD = re.compile(r"(^|[-_.])delta([-_.]|$)", re.IGNORECASE)
+_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(\.(?P<adapter>[^.]+))?\.weight")
+# Keys a delta may hold that its base LLM lacks (the authors' apply_delta allows the projector only;
+# rotary inv_freq is a non-persistent buffer older transformers saved).
+_DELTA_ONLY = re.compile(r"model\.mm_projector\..+|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# LLM shape fields that must agree between the checkpoint's config and its base LLM's.
+_BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A tensor computed from stored ones when loaded; duck-types `TensorRef` for the planner and writer.
+
+    `kind` "lora": parts (W, A, B), value W + scale * B @ A (transposed for fan_in_fan_out), as PEFT's
+    `merge_and_unload`. `kind` "delta": parts (delta, base), value delta + base over the base's extent,
+    the delta's extra rows as they are, as the authors' `apply_delta`. Computed in float32; the caller casts.
+    """
+
+    name: str
+    kind: str
+    parts: tuple[TensorRef, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    scale: float = 1.0
+    fan_in_fan_out: bool = False
+    origin: str = ""
+
+    @property
+    def path(self) -> Path:
+        return self.parts[0].path
+
+    @property
+    def contiguous(self) -> bool:
+        return False  # never a plain byte range: the writer must compute it
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+    def load(self) -> torch.Tensor:
+        """The value in float32, one output-sized buffer (the factors are small; W is read from its mapping)."""
+        _release_freed_memory()
+        if self.kind == "lora":
+            w, a, b = (p.load() for p in self.parts)
+            a, b = a.to(torch.float32), b.to(torch.float32)
+            # PEFT: W + transpose(B @ A, fan_in_fan_out) * scaling; A^T @ B^T is (B @ A)^T, built contiguous.
+            out = torch.mm(a.t(), b.t()) if self.fan_in_fan_out else torch.mm(b, a)
+            out.mul_(self.scale)
+            out.add_(w)
+            return out
+        if self.kind == "delta":
+            d, base = (p.load() for p in self.parts)
+            out = d.to(torch.float32, copy=True)
+            out[tuple(slice(0, n) for n in base.shape)].add_(base)
+            return out
+        raise AssertionError(f"unknown composite kind {self.kind!r}")
+
+
+@cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Give the previous tensors' freed buffers back to the OS before the next float32 merge.
+
+    glibc raises its mmap threshold after the first large free, so later buffers of a few MB come from the
+    heap, and merges interleaving buffers of several sizes (float32 result, cast, factors) fragment it: the
+    process keeps growing by ~the largest tensor per merge before it settles. Trimming keeps resident memory
+    at the bound the streaming writer promises (largest tensor plus a constant). No-op off glibc.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _has_full_weights(path: Path) -> bool:
+    if any((path / n).is_file() for n in (*WEIGHT_INDEX_NAMES, *WEIGHT_SINGLE_NAMES)):
+        return True
+    return any(p.name != "adapter_model.safetensors" for p in path.glob("*.safetensors")) or any(
+        path.glob("pytorch_model*.bin")
+    )
+
+
+def authors_name(path: Path, repo_id: str | None = None) -> str:
+    """The authors' `get_model_name_from_path` (folder name; parent_checkpoint-N for Trainer checkpoints)."""
+    parts = Path(repo_id).parts if repo_id else path.resolve().parts
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
+def detect_form(path: Path, *, name: str | None = None, delta: bool | None = None) -> str:
+    """Which form the checkpoint directory PATH is in: "full", "lora", "projector", "delta" or "hf".
+
+    Args:
+        path: a local checkpoint directory.
+        name: the name the authors' code would see (default: the directory's); a `delta` word in it marks a delta.
+        delta: True / False overrides the name rule (`--delta` / `--no-delta`).
+
+    Raises:
+        LlavaConvertError: `delta=True` for a directory that is a LoRA adapter or a projector-only save.
+
+    Example:
+        >>> detect_form(Path("llava-v1.5-7b-lora"))  # doctest: +SKIP
+        'lora'
+    """
+    form = None
+    if (path / ADAPTER_CONFIG).is_file():
+        form = "lora"
+    elif (path / "config.json").is_file():
+        try:
+            cfg = read_json(path / "config.json")
+        except LlavaConvertError:
+            cfg = {}
+        if "text_config" in cfg or "vision_config" in cfg:
+            form = "hf"
+    if form is None and (path / PROJECTOR).is_file() and not _has_full_weights(path):
+        form = "projector"
+    if form is not None:
+        if delta:
+            raise LlavaConvertError(f"--delta: {path} is a {FORM_TITLES[form]}, not delta weights")
+        return form
+    if delta is None:
+        delta = bool(_DELTA_WORD.search(name or authors_name(path)))
+    return "delta" if delta else "full"
+
+
+def base_hint(ckpt: OriginalCheckpoint) -> str:
+    """What a checkpoint of a form that needs a base LLM asks for, with the base its files record."""
+    if ckpt.form == "lora":
+        recorded = read_json(ckpt.path / ADAPTER_CONFIG).get("base_model_name_or_path")
+        where = "adapter_config.json"
+    elif ckpt.form == "projector":
+        recorded, where = ckpt.config.get("_name_or_path"), "config.json"
+    else:
+        recorded, where = None, ""
+    if ckpt.form == "delta":
+        return "delta weights (target = base + delta): pass --base <the base LLM the delta was made from>"
+    title = "LoRA adapter" if ckpt.form == "lora" else "projector-only checkpoint (pretrain stage)"
+    if recorded:
+        return f"{title}: pass --base <the base LLM>, e.g. {recorded} as recorded in {where}"
+    return f"{title}: pass --base <the base LLM it was trained from>"
+
+
+def open_source(
+    source: Path | str,
+    *,
+    base: Path | str | None = None,
+    revision: str | None = None,
+    delta: bool | None = None,
+    require_base: bool = True,
+) -> OriginalCheckpoint:
+    """Find SOURCE (local or Hub), detect its form and attach its base LLM.
+
+    Args:
+        source: checkpoint directory or Hub repo id.
+        base: the base LLM (directory or Hub repo id) for lora / projector / delta checkpoints.
+        revision: Hub revision of SOURCE.
+        delta: force (True) or rule out (False) the delta form; default: by name.
+        require_base: raise when a form needs a base and none is given (`inspect` passes False).
+
+    Returns:
+        The checkpoint, with `base` and `tokenizer_path` set for the forms that need them.
+
+    Raises:
+        LlavaConvertError: unreadable SOURCE or base, a missing or unfit --base, --base for a full checkpoint.
+    """
+    found = locate(source, revision=revision, role="SOURCE")
+    if revision and found.repo_id is None:
+        raise LlavaConvertError(f"--revision {revision}: SOURCE {source} is a local directory, not a Hub repo id")
+    form = detect_form(found.path, name=authors_name(found.path, found.repo_id), delta=delta)
+    ckpt = open_original(found.path, form="full" if form == "hf" else form, repo_id=found.repo_id)
+    if form not in NEEDS_BASE:
+        if base is not None:
+            raise LlavaConvertError(
+                f"--base {base}: {source} is a {FORM_TITLES[form]} with all its weights; --base is only for "
+                "LoRA adapters, projector-only checkpoints and delta weights"
+            )
+        return ckpt
+    if base is None:
+        if require_base:
+            raise LlavaConvertError(f"{source}: {base_hint(ckpt)}")
+        return ckpt
+    ckpt.base = locate(base, role="--base").path
+    _check_base(ckpt)
+    if form in ("lora", "projector"):  # the authors' builder: AutoTokenizer.from_pretrained(model_base)
+        ckpt.tokenizer_path = ckpt.base
+    ckpt.weight_files = [*ckpt.weight_files, *weight_files(ckpt.base)]
+    return ckpt
+
+
+def _check_base(ckpt: OriginalCheckpoint) -> None:
+    """The base LLM's config must describe the same network as the checkpoint's (its vocab is checked on weights)."""
+    base_cfg_path = ckpt.base / "config.json"
+    base_cfg = read_json(base_cfg_path)
+    if "text_config" in base_cfg or "vision_config" in base_cfg:
+        raise LlavaConvertError(
+            f"--base {ckpt.base}: a Hugging Face multimodal checkpoint; pass the base language model "
+            "(e.g. lmsys/vicuna-7b-v1.5)"
+        )
+    what = {"lora": "LoRA", "projector": "projector", "delta": "delta"}[ckpt.form]
+    for key in _BASE_FIELDS:
+        mine = ckpt.config.get(key, ckpt.config.get("num_attention_heads") if key == "num_key_value_heads" else None)
+        theirs = base_cfg.get(key, base_cfg.get("num_attention_heads") if key == "num_key_value_heads" else None)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise LlavaConvertError(
+                f"{base_cfg_path}: {key} {theirs} does not fit {ckpt.path / 'config.json'} ({key} {mine}); "
+                f"--base must be the LLM the {what} was made from"
+            )
+    if ckpt.form in ("lora", "projector") and not any(
+        (ckpt.base / f).is_file() for f in ("tokenizer.model", "tokenizer.json")
+    ):
+        raise LlavaConvertError(
+            f"--base {ckpt.base}: no tokenizer (tokenizer.model or tokenizer.json); the authors' loader takes "
+            f"the tokenizer of a {what} checkpoint from its base LLM"
+        )
+
+
+def read_tensors(ckpt: OriginalCheckpoint) -> tuple[dict[str, TensorRef | Composite], list[str]]:
+    """Every tensor of the model the authors' loader would build, keyed by the authors' names; and warnings.
+
+    Reads headers only, plus the final norm weight (a few KB) to tell delta weights from full ones.
+    """
+    if ckpt.form in NEEDS_BASE and ckpt.base is None:
+        raise LlavaConvertError(f"{ckpt.path}: {base_hint(ckpt)}")
+    if ckpt.form == "full":
+        tensors = read_checkpoint(ckpt.path)
+        warnings = []
+        if _looks_like_delta(tensors):
+            warnings.append(
+                f"{NORM_KEY} is near zero, as in delta weights (target - base); if {ckpt.path.name} is a delta, "
+                "convert it with --delta --base BASE"
+            )
+        return tensors, warnings
+    base = read_checkpoint(ckpt.base, origin="base")
+    if ckpt.form == "lora":
+        tensors = _lora_tensors(ckpt, base)
+    elif ckpt.form == "projector":
+        tensors = _projector_tensors(ckpt, base)
+    else:
+        tensors = _delta_tensors(ckpt, base)
+    if ckpt.form != "delta":
+        rows = tensors[EMBED_KEY].shape[0] if EMBED_KEY in tensors else None
+        vocab = ckpt.config.get("vocab_size")
+        if rows is not None and vocab is not None and rows != vocab:
+            raise LlavaConvertError(
+                f"--base {ckpt.base}: {EMBED_KEY} has {rows} rows but {ckpt.path / 'config.json'} has vocab_size "
+                f"{vocab}; --base must be the LLM the {FORM_TITLES[ckpt.form]} was trained from"
+            )
+    return tensors, []
+
+
+def _looks_like_delta(tensors: dict[str, TensorRef]) -> bool:
+    ref = tensors.get(NORM_KEY)
+    return ref is not None and ref.dtype.is_floating_point and float(ref.load().float().abs().mean()) < 0.05
+
+
+def _raise(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise LlavaConvertError(problems[0])
+    if problems:
+        problems = sorted(problems)
+        more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise LlavaConvertError(f"{len(problems)} problems: " + "; ".join(problems[:8]) + more)
+
+
+def authors_non_lora_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """`non_lora_trainables` keys as `load_pretrained_model` renames them: strip `base_model.`, then `model.`
+    from every key when any key starts with `model.model.`."""
+    out = {(k[11:] if k.startswith("base_model.") else k): v for k, v in state.items()}
+    if any(k.startswith("model.model.") for k in out):
+        out = {(k[6:] if k.startswith("model.") else k): v for k, v in out.items()}
+    return out
+
+
+def _targeted(module: str, targets: Any) -> bool:
+    """PEFT's `check_target_module_exists`: a regex over the whole name, or a list of name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets or ())
+
+
+def _rank_alpha(acfg: dict[str, Any], module: str) -> tuple[int, float]:
+    """PEFT's per-module r / lora_alpha (`rank_pattern`, `alpha_pattern`, matched as `.*\\.{key}$`)."""
+    rank_pattern = acfg.get("rank_pattern") or {}
+    alpha_pattern = acfg.get("alpha_pattern") or {}
+    key = next((k for k in [*rank_pattern, *alpha_pattern] if re.match(rf".*\.{k}$", module)), module)
+    return int(rank_pattern.get(key, acfg["r"])), float(alpha_pattern.get(key, acfg["lora_alpha"]))
+
+
+def _check_adapter_config(acfg: dict[str, Any], path: Path) -> None:
+    peft_type = acfg.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise LlavaConvertError(f"{path}: peft_type {peft_type!r}; only LoRA adapters can be merged")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(acfg.get(key), int | float) or acfg[key] <= 0:
+            raise LlavaConvertError(f"{path}: {key} must be a positive number, found {acfg.get(key)!r}")
+    if acfg.get("use_dora"):
+        raise LlavaConvertError(f"{path}: use_dora is set; DoRA adapters are not supported (LoRA only)")
+    if acfg.get("modules_to_save"):
+        raise LlavaConvertError(
+            f"{path}: modules_to_save {acfg['modules_to_save']!r} is not supported (LLaVA keeps such weights "
+            "in non_lora_trainables.bin)"
+        )
+    if not acfg.get("target_modules"):
+        raise LlavaConvertError(f"{path}: no target_modules")
+
+
+def _lora_tensors(ckpt: OriginalCheckpoint, base: dict[str, TensorRef]) -> dict[str, TensorRef | Composite]:
+    """Base LLM, then non_lora_trainables over it, then each targeted weight merged with its LoRA factors
+    (the order of the authors' LoRA branch: from_pretrained(base), load_state_dict(non_lora), merge_and_unload)."""
+    acfg_path = ckpt.path / ADAPTER_CONFIG
+    acfg = read_json(acfg_path)
+    _check_adapter_config(acfg, acfg_path)
+    adapter_path, non_lora_path = ckpt.weight_files[0], ckpt.weight_files[1]
+    adapter = read_weight_file(adapter_path, origin="adapter")
+    non_lora = read_torch_bin(non_lora_path, origin="non_lora_trainables")
+
+    tensors: dict[str, TensorRef | Composite] = dict(base)
+    tensors.update(authors_non_lora_keys(non_lora))
+    problems: list[str] = []
+    factors: dict[str, dict[str, TensorRef]] = {}
+    for key, ref in adapter.items():
+        m = _LORA_KEY.fullmatch(key)
+        if m:
+            factors.setdefault(m.group("module"), {})[m.group("ab")] = ref
+        elif key.startswith("base_model.model.") and key.endswith(".bias") and acfg.get("bias", "none") != "none":
+            tensors[key[len("base_model.model.") :]] = ref  # bias="all" / "lora_only" trains biases too
+        else:
+            problems.append(f"{adapter_path}: {key} is not a LoRA factor (lora_A / lora_B weight)")
+
+    targets = acfg["target_modules"]
+    modules = {k[: -len(".weight")] for k, r in base.items() if k.endswith(".weight") and len(r.shape) == 2}
+    for t in [targets] if isinstance(targets, str) else targets:
+        one = t if isinstance(targets, str) else [t]  # the regex, or one name of the list
+        if not any(_targeted(m, one) for m in modules):
+            problems.append(
+                f"{acfg_path}: target_modules {t!r} matches no module of the base LLM {ckpt.base}; "
+                "--base must be the LLM the LoRA was trained on"
+            )
+    fifo = bool(acfg.get("fan_in_fan_out", False))
+    for module, parts in sorted(factors.items()):
+        key = f"{module}.weight"
+        if set(parts) != {"A", "B"}:
+            have = next(iter(parts))
+            problems.append(f"{adapter_path}: {parts[have].name} has no lora_{'B' if have == 'A' else 'A'} partner")
+            continue
+        a, b = parts["A"], parts["B"]
+        if not _targeted(module, targets):
+            problems.append(f"{adapter_path}: {a.name} adapts {module}, which target_modules in {acfg_path.name} does not name")
+            continue
+        w = tensors.get(key)
+        if w is None:
+            problems.append(
+                f"{adapter_path}: {a.name} targets {key}, which the base LLM {ckpt.base} does not have; "
+                "--base must be the LLM the LoRA was trained on"
+            )
+            continue
+        r, alpha = _rank_alpha(acfg, module)
+        want = (w.shape[1], w.shape[0]) if fifo else tuple(w.shape)
+        if len(a.shape) != 2 or len(b.shape) != 2 or len(w.shape) != 2 or a.shape[0] != b.shape[1]:
+            problems.append(f"{adapter_path}: {a.name} {tuple(a.shape)} and {b.name} {tuple(b.shape)} are not LoRA factors")
+        elif a.shape[0] != r:
+            problems.append(f"{adapter_path}: {a.name} has rank {a.shape[0]} but {acfg_path.name} says r = {r}")
+        elif (b.shape[0], a.shape[1]) != want:
+            problems.append(
+                f"{adapter_path}: {b.name} @ {a.name} is {(b.shape[0], a.shape[1])} but {key} in the base LLM "
+                f"({w.path.name}) is {tuple(w.shape)}; --base must be the LLM the LoRA was trained on"
+            )
+        else:
+            scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+            tensors[key] = Composite(key, "lora", (w, a, b), tuple(w.shape), w.dtype, scale, fifo, "base+lora")
+    _raise(problems)
+    return tensors
+
+
+def _projector_tensors(ckpt: OriginalCheckpoint, base: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """Base LLM with mm_projector.bin loaded over it (the authors' projector-only branch, strict=False)."""
+    path = ckpt.weight_files[0]
+    proj = read_torch_bin(path, origin="mm_projector")
+    tensors = dict(base)
+    for key, ref in proj.items():
+        if key in base and tuple(base[key].shape) != tuple(ref.shape):
+            raise LlavaConvertError(
+                f"{path}: {key} has shape {tuple(ref.shape)} but the base LLM's ({base[key].path.name}) is "
+                f"{tuple(base[key].shape)}; --base must be the LLM the projector was trained on"
+            )
+        tensors[key] = ref
+    return tensors
+
+
+def _delta_tensors(ckpt: OriginalCheckpoint, base: dict[str, TensorRef]) -> dict[str, TensorRef | Composite]:
+    """target = base + delta per delta key; extra vocab rows of embed / lm_head from the delta as they are."""
+    delta = read_checkpoint(ckpt.path, origin="delta")
+    norm = delta.get(NORM_KEY)
+    if norm is not None and norm.dtype.is_floating_point and float(norm.load().float().abs().mean()) > 0.5:
+        raise LlavaConvertError(
+            f"{norm.path}: {NORM_KEY} looks like full weights (mean |w| > 0.5), not a delta (target - base ~ 0); "
+            "pass --no-delta if the name's 'delta' is misleading"
+        )
+    tensors: dict[str, TensorRef | Composite] = {}
+    problems = []
+    for key, d in delta.items():
+        b = base.get(key)
+        if b is None:
+            if _DELTA_ONLY.fullmatch(key):
+                tensors[key] = d
+            else:
+                problems.append(
+                    f"{d.path}: {key} is in the delta but not in the base LLM {ckpt.base}; "
+                    "--base must be the LLM the delta was made from"
+                )
+            continue
+        ds, bs = tuple(d.shape), tuple(b.shape)
+        extra_rows = key in (EMBED_KEY, LM_HEAD_KEY) and len(ds) == 2 and len(bs) == 2 and ds[1] == bs[1] and ds[0] > bs[0]
+        if ds == bs or extra_rows:
+            tensors[key] = Composite(key, "delta", (d, b), ds, d.dtype, origin="base+delta")
+        else:
+            problems.append(
+                f"{d.path}: {key} is {ds} in the delta but {bs} in the base LLM ({b.path}); "
+                "--base must be the LLM the delta was made from"
+            )
+    _raise(problems)
+    return tensors
