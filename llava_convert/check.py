@@ -1058,6 +1058,8 @@ def check(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     low_memory: bool = False,
     progress: bool = False,
+    base: Path | str | None = None,
+    delta: bool | None = None,
 ) -> CheckReport:
     """Compare an original LLaVA checkpoint with its Hugging Face conversion on the same inputs.
 
@@ -1078,6 +1080,8 @@ def check(
         max_new_tokens: greedy tokens generated and compared.
         low_memory: stream decoder layers one at a time on both sides (same figures, far less memory).
         progress: report what is running on stderr.
+        base: the base LLM, when ORIGINAL is a LoRA adapter, a projector-only checkpoint or delta weights.
+        delta: ORIGINAL is delta weights (default: by name, as `convert` decides).
 
     Returns:
         A `CheckReport`; `report.passed` is the verdict, `report.raise_for_verdict()` raises `CheckFailed`.
@@ -1103,6 +1107,8 @@ def check(
             max_new_tokens=max_new_tokens,
             low_memory=low_memory,
             progress=progress,
+            base=base,
+            delta=delta,
         )
 
 
@@ -1120,6 +1126,8 @@ def _check(
     max_new_tokens: int,
     low_memory: bool,
     progress: bool,
+    base: Path | str | None = None,
+    delta: bool | None = None,
 ) -> CheckReport:
     if dtype not in ("float32", "bfloat16"):
         raise LlavaConvertError(f"--dtype {dtype!r}: expected float32 or bfloat16")
@@ -1138,7 +1146,9 @@ def _check(
 
     # The original side first; it is freed before the converted model is loaded.
     log(f"original: {original} (authors' forward pass{', streamed' if low_memory else ''})")
-    ref = ReferenceModel(original, vision_tower=vision_tower, dtype=dtype, low_memory=low_memory)
+    ref = ReferenceModel(
+        original, vision_tower=vision_tower, dtype=dtype, low_memory=low_memory, base=base, delta=delta
+    )
     vocab = ref.vocab_size
     anyres = ref.config.get("image_aspect_ratio") == "anyres"
     downcast = storage_downcast(ref, converted)

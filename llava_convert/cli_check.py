@@ -18,6 +18,8 @@ _PATH = click.Path(path_type=Path)
 @click.option(
     "--vision-tower", type=_PATH, help="Local CLIP directory for ORIGINAL (default: its mm_vision_tower)."
 )
+@click.option("--base", default=None, help="Base LLM for a LoRA / projector-only / delta ORIGINAL (path or Hub id).")
+@click.option("--delta/--no-delta", default=None, help="ORIGINAL is delta weights (default: by its name).")
 @click.option(
     "--image",
     "images",
@@ -57,6 +59,8 @@ def check(
     original,
     converted,
     vision_tower,
+    base,
+    delta,
     images,
     prompt,
     dtype,
@@ -90,6 +94,8 @@ def check(
         max_new_tokens=max_new_tokens,
         low_memory=low_memory,
         progress=not quiet,
+        base=base,
+        delta=delta,
     )
     if json_path is not None:
         try:

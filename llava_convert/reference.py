@@ -152,12 +152,13 @@ CONV_TEMPLATES: dict[str, Conversation] = {
 }
 
 
-def authors_prompt(question: str, conv_mode: str) -> str:
-    """The prompt `run_llava.py` builds for one image and QUESTION (`mm_use_im_start_end` false)."""
+def authors_prompt(question: str, conv_mode: str, *, im_start_end: bool = False) -> str:
+    """The prompt `run_llava.py` builds for one image and QUESTION."""
+    image = "<im_start>" + DEFAULT_IMAGE_TOKEN + "<im_end>" if im_start_end else DEFAULT_IMAGE_TOKEN
     if IMAGE_PLACEHOLDER in question:
-        qs = question.replace(IMAGE_PLACEHOLDER, DEFAULT_IMAGE_TOKEN)
+        qs = question.replace(IMAGE_PLACEHOLDER, image)
     else:
-        qs = DEFAULT_IMAGE_TOKEN + "\n" + question
+        qs = image + "\n" + question
     try:
         conv = CONV_TEMPLATES[conv_mode]
     except KeyError:
@@ -597,24 +598,29 @@ class ReferenceModel:
         vision_tower: Path | str | None = None,
         dtype: str = "float32",
         low_memory: bool = False,
+        base: Path | str | None = None,
+        delta: bool | None = None,
     ):
         from transformers import AutoTokenizer, CLIPImageProcessorPil
 
-        self.ckpt = open_reference_checkpoint(Path(path))
+        if base is not None or delta:
+            # LoRA / projector-only / delta: the merged model the authors' loader builds, tensor by tensor.
+            from .forms import open_source, read_tensors
+
+            self.ckpt = open_source(path, base=base, delta=delta)
+            self.tensors, _ = read_tensors(self.ckpt)
+        else:
+            self.ckpt = open_reference_checkpoint(Path(path))
+            self.tensors = read_checkpoint(self.ckpt.path)
         if vision_tower is not None and Path(vision_tower).exists():
             vision_tower = Path(vision_tower)
         self.tower = find_vision_tower(self.ckpt, vision_tower)
         self.config = self.ckpt.config
         self.cfg_path = self.ckpt.path / "config.json"
-        if self.config.get("mm_use_im_start_end"):
-            raise LlavaConvertError(
-                f"{self.cfg_path}: mm_use_im_start_end is true; <im_start>/<im_end> prompts are not supported by check"
-            )
         self.dtype = DTYPES[dtype]
         self.low_memory = low_memory
-        self.tensors = read_checkpoint(self.ckpt.path)
         self.conv_mode = authors_conv_mode(self.ckpt.name)
-        tokenizer_dir = getattr(self.ckpt, "tokenizer_dir", self.ckpt.path)
+        tokenizer_dir = self.ckpt.tokenizer_dir
         with quiet():
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -622,6 +628,11 @@ class ReferenceModel:
                 raise LlavaConvertError(
                     f"{tokenizer_dir}: cannot load the tokenizer ({type(e).__name__}: {e})"
                 ) from None
+            # The tokens the authors' builder adds (load_pretrained_model), in its order.
+            if self.config.get("mm_use_im_patch_token", True):
+                self.tokenizer.add_tokens(["<im_patch>"], special_tokens=True)
+            if self.config.get("mm_use_im_start_end", False):
+                self.tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
             try:
                 self.image_processor = CLIPImageProcessorPil.from_pretrained(str(self.tower.path))
             except Exception as e:  # noqa: BLE001
@@ -750,7 +761,7 @@ class ReferenceModel:
 
     def prompt(self, question: str) -> str:
         """The authors' prompt string for QUESTION about one image."""
-        return authors_prompt(question, self.conv_mode)
+        return authors_prompt(question, self.conv_mode, im_start_end=bool(self.config.get("mm_use_im_start_end")))
 
     def input_ids(self, prompt: str) -> list[int]:
         """`tokenizer_image_token(prompt)`: prompt ids with one -200 per `<image>`."""

@@ -138,3 +138,27 @@ def test_stray_tower_weights_are_detected(oracle_case, tmp_path):
         "vision tower (features)",
         "the checkpoint's unused vision_tower.* weights instead of the tower directory's?",
     )
+
+
+FORM_CASES = {
+    "lora": ("llava-v1.5-tiny-lora", "vicuna-tiny-v1.5"),
+    "projector": ("llava-v1.5-mlp2x-tiny-pretrain", "vicuna-tiny-v1.5"),
+    "delta": ("LLaVA-tiny-delta-v0", "llama-tiny"),
+    "selftrained": ("llava-v1.5-tiny-imstart/checkpoint-3", None),
+}
+
+
+@pytest.mark.parametrize("case", list(FORM_CASES))
+def test_check_covers_forms_needing_a_base(oracle_case, tmp_path, case):
+    """The reference side merges LoRA / adds projectors / applies deltas as the authors' loader does."""
+    from llava_convert.check import check
+    from llava_convert.convert import convert
+
+    case_dir = oracle_case(case)
+    src, base = FORM_CASES[case]
+    out = tmp_path / "hf"
+    base = case_dir / base if base else None
+    convert(case_dir / src, out, base=base, dtype="float32", progress=False)
+    report = check(case_dir / src, out, base=base, max_new_tokens=4)
+    assert report.passed, report.summary()
+    assert report.figures()["logits_max_abs_diff"] <= 1e-4
