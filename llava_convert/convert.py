@@ -17,6 +17,7 @@ from . import transforms
 from .errors import LlavaConvertError
 from .forms import open_source, read_tensors
 from .hfconfig import Vocab, llava_config
+from .logs import quiet
 from .mapping import MapResult, PlanEntry, check_targets, load_table, map_tensors, raise_if
 from .processor import chat_template_name, plan_tokens
 from .quantize import QuantSpec, quantize_tensor, should_quantize
@@ -213,8 +214,9 @@ def write_metadata(plan: Plan, out: Path) -> None:
 
     (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(plan), indent=2) + "\n")
-    processor = build_processor(plan.source, plan.tower, plan.vocab, plan.config, chat_template=plan.chat_template)
-    processor.save_pretrained(str(out))
+    with quiet():
+        processor = build_processor(plan.source, plan.tower, plan.vocab, plan.config, chat_template=plan.chat_template)
+        processor.save_pretrained(str(out))
 
 
 def execute(plan: Plan, output: Path, *, force: bool = False, progress: bool = True) -> Path:

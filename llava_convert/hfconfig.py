@@ -83,8 +83,9 @@ def text_config(ckpt: OriginalCheckpoint, vocab: Vocab) -> dict[str, Any]:
     fields["pad_token_id"] = vocab.pad_token_id
     fields["tie_word_embeddings"] = bool(ckpt.config.get("tie_word_embeddings", False))
     if ckpt.backbone == "mistral":
-        # MistralConfig defaults sliding_window to 4096; the original has it as it was trained (often null).
-        fields["sliding_window"] = ckpt.config.get("sliding_window")
+        # As trained (null on llava-v1.6-mistral-7b); when absent, the default of the MistralConfig the
+        # authors' code ran with (transformers 4.36: 4096), not whatever the installed version defaults to.
+        fields["sliding_window"] = ckpt.config.get("sliding_window", 4096)
     try:
         cfg = cls(**fields)
     except (TypeError, ValueError) as e:

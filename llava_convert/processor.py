@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import LlavaConvertError
 from .hfconfig import Vocab, plan_vocab
+from .logs import quiet
 from .source import OriginalCheckpoint, VisionTower, read_json
 from .templates import authors_conv_mode, template_for
 
@@ -20,8 +21,6 @@ IM_END_TOKEN = "<im_end>"
 
 
 def load_tokenizer(path: Path, *, legacy: bool = True):
-    import warnings
-
     from transformers import AutoTokenizer
 
     if not any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
@@ -31,9 +30,7 @@ def load_tokenizer(path: Path, *, legacy: bool = True):
         # `tokenizer_image_token` tokenizes the text after `<image>` as a fresh string, which starts with
         # SentencePiece's dummy-prefix "▁"; this makes the single-string tokenization give the same ids
         # (see prefix_after_specials for the one case that needs legacy=False).
-        with warnings.catch_warnings():
-            # transformers peeks at config.json, whose original (non-HF) fields it warns about.
-            warnings.simplefilter("ignore", FutureWarning)
+        with quiet():  # transformers peeks at config.json, whose original (non-HF) fields it warns about
             return AutoTokenizer.from_pretrained(str(path), legacy=legacy)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
         raise LlavaConvertError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None

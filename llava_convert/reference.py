@@ -25,7 +25,6 @@ import contextlib
 import inspect
 import math
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import LlavaConvertError
+from .logs import quiet
 from .readers import TensorRef, read_checkpoint, weight_files
 from .source import (
     ORIGINAL_MODEL_TYPES,
@@ -458,25 +458,6 @@ class LayerStreamer:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence Python warnings and transformers' logging/progress bars (restored on exit): transformers warns
-    about the authors' config keys and draws load bars, none of which a check report needs."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -259,3 +259,14 @@ def test_readme_example_converts(tmp_path):
     r = run("convert", repo / "examples" / "llava-v1.5-tiny", out, "--vision-tower", repo / "examples" / "clip-tiny", "--quiet")
     assert r.exit_code == 0, r.output
     assert "LlavaForConditionalGeneration" in r.output and "chat template llava_v1" in r.output
+
+
+@pytest.mark.parametrize(("given", "expected"), [({"sliding_window": None}, None), ({}, 4096), ({"sliding_window": 2048}, 2048)])
+def test_mistral_sliding_window_as_trained(tmp_path, given, expected):
+    ckpt = write_original(tmp_path, name="llava-v1.6-mistral-tiny", model_type="llava_mistral",
+                          architectures=["LlavaMistralForCausalLM"], rope_theta=1e6, **given)
+    r = run("inspect", ckpt, "--json")
+    assert r.exit_code == 0, r.output
+    text = json.loads(r.output)["config"]["text_config"]
+    assert text["model_type"] == "mistral" and text["sliding_window"] == expected
+    assert text["rope_theta"] == 1e6
