@@ -38,10 +38,19 @@ def _pad_vocab(tensors, ctx, shape):
     decoding never picks a padding row.
     """
     (w,) = tensors
-    out = torch.empty(shape, dtype=torch.float32)
-    out[: w.shape[0]] = w
-    out[w.shape[0] :] = w.float().mean(dim=0, dtype=torch.float64).float()
+    # Output in the source dtype and the mean accumulated over row blocks: peak memory stays about one
+    # copy of the matrix (a float32 copy of a 32000x4096 embedding would add 0.5 GB, twice).
+    out = torch.empty(shape, dtype=w.dtype)
+    rows = w.shape[0]
+    out[:rows] = w
+    acc = torch.zeros(shape[1], dtype=torch.float64)
+    for start in range(0, rows, _MEAN_ROWS):
+        acc += w[start : start + _MEAN_ROWS].sum(dim=0, dtype=torch.float64)
+    out[rows:] = (acc / max(rows, 1)).to(w.dtype)
     return out
+
+
+_MEAN_ROWS = 1024
 
 
 def _eye(tensors, ctx, shape):
