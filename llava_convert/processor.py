@@ -30,8 +30,14 @@ def load_tokenizer(path: Path, *, legacy: bool = True):
         # `tokenizer_image_token` tokenizes the text after `<image>` as a fresh string, which starts with
         # SentencePiece's dummy-prefix "▁"; this makes the single-string tokenization give the same ids
         # (see prefix_after_specials for the one case that needs legacy=False).
+        kwargs: dict[str, Any] = {"legacy": legacy}
+        if not spm_dummy_prefix(path) and authors_legacy(path):
+            # A SentencePiece model without the dummy prefix (Yi, llava-v1.6-34b): the authors' legacy slow
+            # tokenizer then starts no text with "▁", neither a chunk nor the text after a special token.
+            # transformers' LlamaTokenizer ignores the model's flag and needs add_prefix_space=False ("never").
+            kwargs["add_prefix_space"] = False
         with quiet():  # transformers peeks at config.json, whose original (non-HF) fields it warns about
-            return AutoTokenizer.from_pretrained(str(path), legacy=legacy)
+            return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
         raise LlavaConvertError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
@@ -68,6 +74,22 @@ def plan_tokens(ckpt: OriginalCheckpoint, rows: int) -> Vocab:
             f"{rows} rows"
         )
     return plan_vocab(rows, tokens=n, added=added)
+
+
+def spm_dummy_prefix(tokenizer_dir: Path) -> bool:
+    """Whether the SentencePiece model (tokenizer.model) starts a text with "▁" (`add_dummy_prefix`, true for
+    Llama / Vicuna / Mistral, false for Yi). True when there is no tokenizer.model."""
+    path = tokenizer_dir / "tokenizer.model"
+    if not path.is_file():
+        return True
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError; transformers reports an unreadable model
+        return True
+    return proto.normalizer_spec.add_dummy_prefix
 
 
 def authors_legacy(tokenizer_dir: Path) -> bool:

@@ -168,6 +168,28 @@ def authors_prompt(question: str, conv_mode: str, *, im_start_end: bool = False)
     return conv.prompt(qs)
 
 
+def tokenizer_load_kwargs(tokenizer_dir: Path) -> dict[str, Any]:
+    """Settings that make transformers' LlamaTokenizer split text like the authors' slow one (4.36).
+
+    With `legacy` true or unset, the authors' tokenizer runs SentencePiece on each piece of text as it is, so
+    the model's own `add_dummy_prefix` decides whether a piece starts with "▁". transformers' LlamaTokenizer
+    ignores that flag, so a model without the dummy prefix (Yi, llava-v1.6-34b) needs add_prefix_space=False.
+    """
+    model = tokenizer_dir / "tokenizer.model"
+    cfg_path = tokenizer_dir / "tokenizer_config.json"
+    legacy = (read_json(cfg_path) if cfg_path.is_file() else {}).get("legacy") is not False
+    if not (legacy and model.is_file()):
+        return {}
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError; loading the tokenizer reports it
+        return {}
+    return {} if proto.normalizer_spec.add_dummy_prefix else {"add_prefix_space": False}
+
+
 def tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
     """`llava.mm_utils.tokenizer_image_token`: chunks around `<image>` tokenized separately, -200 between."""
     chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
@@ -604,7 +626,9 @@ class ReferenceModel:
         tokenizer_dir = self.ckpt.tokenizer_dir
         with quiet():
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+                self.tokenizer = AutoTokenizer.from_pretrained(
+                    str(tokenizer_dir), **tokenizer_load_kwargs(tokenizer_dir)
+                )
             except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
                 raise LlavaConvertError(
                     f"{tokenizer_dir}: cannot load the tokenizer ({type(e).__name__}: {e})"

@@ -20,7 +20,7 @@ from llava_convert.reference import ReferenceModel
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 
-CASES = ["v15", "llama2", "v15_stray", "v16_mistral", "v16_vicuna"]
+CASES = ["v15", "llama2", "v15_stray", "v16_mistral", "v16_vicuna", "v16_34b"]
 ATOL = 1e-4
 
 

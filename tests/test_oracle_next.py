@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from parity import assert_parity
 from safetensors import safe_open
 
@@ -18,7 +19,10 @@ def _checkpoint(case_dir):
     return ckpt
 
 
-@pytest.mark.parametrize(("case", "template"), [("v16_mistral", "mistral_instruct"), ("v16_vicuna", "llava_v1")])
+@pytest.mark.parametrize(
+    ("case", "template"),
+    [("v16_mistral", "mistral_instruct"), ("v16_vicuna", "llava_v1"), ("v16_34b", "chatml_direct")],
+)
 def test_next_matches_authors(oracle_case, tmp_path, case, template):
     case_dir = oracle_case(case)
     out = tmp_path / "hf"
@@ -51,3 +55,39 @@ def test_next_uses_checkpoint_tower_not_stock_clip(oracle_case, tmp_path):
     assert cfg["text_config"]["model_type"] == "mistral"
     assert cfg["text_config"]["sliding_window"] is None
     assert cfg["text_config"]["num_key_value_heads"] < cfg["text_config"]["num_attention_heads"]
+
+
+def test_next_34b_yi_form(oracle_case, tmp_path):
+    """llava-v1.6-34b: Yi backbone (Llama, GQA, rope_theta 5e6), chatml_direct, Yi's tokenizer (no BOS added,
+    no SentencePiece dummy prefix: no "▁" at the start or after `<|im_start|>` / `<image>`)."""
+    from transformers import AutoProcessor
+
+    case_dir = oracle_case("v16_34b")
+    ckpt = _checkpoint(case_dir)
+    assert "llava-v1.6-34b" in ckpt.name
+    out = tmp_path / "hf"
+    plan = convert(ckpt, out, dtype="float32", progress=False)
+    assert plan.chat_template == "chatml_direct"
+    original = json.loads((ckpt / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["image_token_index"] == original["vocab_size"]
+    text = cfg["text_config"]
+    assert text["model_type"] == "llama"
+    assert text["num_key_value_heads"] < text["num_attention_heads"]
+    assert (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta")) == 5000000.0
+    processor = AutoProcessor.from_pretrained(str(out))
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids("<image>") == original["vocab_size"]
+    assert (tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id) == (
+        "<|startoftext|>", 1, "<|endoftext|>", 2,
+    )
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [6, 7]
+    ref = torch.load(case_dir / "reference.pt", weights_only=True)
+    want = ref["images"]["landscape"]["input_ids"].tolist()
+    assert want[0] == 6  # <|im_start|>: the authors' prompt has no BOS (add_bos_token false)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ref["question"]}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == ref["prompt"]
+    ids = tok(prompt).input_ids
+    assert ids == [cfg["image_token_index"] if t == -200 else t for t in want]
+    assert tok.decode(ids[-6:]) == "<|im_end|><|im_start|>assistant\n"

@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SPM_MODEL = REPO / "tests" / "fixtures" / "spm" / "tiny.model"
+SPM_MODEL_YI = REPO / "tests" / "fixtures" / "spm" / "tiny_yi.model"  # make_spm_yi.py
 sys.path.insert(0, str(HERE))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -351,6 +352,39 @@ CASES.update({
         added_tokens=IM_TOKENS,
         trainer_files=True,
     ),
+    # LLaVA-NeXT 34b form (liuhaotian/llava-v1.6-34b): Yi-34B backbone (Nous-Hermes-2-Yi-34B), i.e. Llama
+    # architecture (llava_llama) with GQA and rope_theta 5e6, anyres + spatial_unpad + image_newline,
+    # fine-tuned tower inside the checkpoint, chatml_direct template (the name holds "v1.6-34b"), and Yi's
+    # tokenizer (tiny_yi.model, see save_yi_tokenizer): BOS <|startoftext|> not added, no dummy prefix.
+    "v16_34b": dict(
+        seed=128,  # swept 100..129: min greedy margin 0.40, three different continuations
+        dir_name="llava-v1.6-34b-tiny",
+        arch="llama",
+        lm=dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=5000000.0,
+                max_position_embeddings=4096, pad_token_id=0),
+        tower=dict(image_size=28, patch_size=7),
+        mm=dict(
+            mm_projector_type="mlp2x_gelu",
+            image_aspect_ratio="anyres",
+            image_grid_pinpoints=PINPOINTS_28,
+            mm_patch_merge_type="spatial_unpad",
+            image_crop_resolution=224,
+            image_split_resolution=224,
+            mm_vision_tower_lr=2e-06,
+            mm_resampler_type=None,
+            freeze_mm_vision_resampler=False,
+            tune_mm_vision_resampler=False,
+            unfreeze_mm_vision_tower=True,
+            tokenizer_model_max_length=4096,
+        ),
+        unfreeze=True,
+        stray_tower=False,
+        safe=True,
+        shard="150KB",
+        model_type=None,
+        keep_keys=None,
+        tokenizer="yi",
+    ),
 })
 
 # Key set of the LLaVA v0 delta configs (July-2023 code, transformers 4.28).
@@ -476,6 +510,28 @@ def save_tokenizer(ckpt_dir: Path, added: tuple[str, ...] = ()) -> None:
     stm_path.write_text(json.dumps(stm, indent=2, sort_keys=True) + "\n")
 
 
+def save_yi_tokenizer(ckpt_dir: Path) -> None:
+    """Tiny Yi tokenizer laid out like liuhaotian/llava-v1.6-34b ships it (01-ai/Yi-34B's, via Nous-Hermes-2-Yi-34B).
+
+    A slow LlamaTokenizer over tiny_yi.model: ``<|startoftext|>`` BOS (id 1), ``<|endoftext|>`` EOS (id 2),
+    ``<|im_start|>`` / ``<|im_end|>`` SentencePiece user-defined pieces (ids 6 / 7, not transformers added
+    tokens), ``add_bos_token`` false (Yi's tokenizer_config.json; an automatic BOS confuses Yi), and a model
+    without SentencePiece's dummy prefix. ``legacy`` true: with it the authors' per-chunk tokenization
+    (``tokenizer_image_token``) gives the same ids as tokenizing the whole prompt, which is what the
+    transformers LLaVA-NeXT conversion of llava-v1.6-34b checked against the authors' input ids.
+    """
+    tok = LlamaTokenizer(
+        vocab_file=str(SPM_MODEL_YI), unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        pad_token="<unk>", add_bos_token=False, add_eos_token=False, legacy=True,
+    )
+    tok.save_pretrained(ckpt_dir)
+    cfg_path = ckpt_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update({"add_bos_token": False, "add_eos_token": False, "model_max_length": 4096, "pad_token": "<unk>",
+                "padding_side": "right", "legacy": True})
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def build_checkpoint(case: str, spec: dict, case_dir: Path) -> Path:
     seed = spec["seed"]
     clip_dir = (case_dir / "clip").resolve()
@@ -483,7 +539,10 @@ def build_checkpoint(case: str, spec: dict, case_dir: Path) -> Path:
 
     ckpt_dir = case_dir / spec["dir_name"]
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(ckpt_dir, spec.get("added_tokens", ()))
+    if spec.get("tokenizer") == "yi":
+        save_yi_tokenizer(ckpt_dir)
+    else:
+        save_tokenizer(ckpt_dir, spec.get("added_tokens", ()))
 
     lm = {**TINY_LM, **spec["lm"]}
     mm = {**MM_COMMON, **spec["mm"]}
