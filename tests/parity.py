@@ -7,19 +7,7 @@ from pathlib import Path
 import torch
 from images import test_images
 
-IMAGE_TOKEN_INDEX = -200
-
-
-def collapse_image_tokens(ids: list[int], image_id: int) -> list[int]:
-    """The authors' prompt has one -200 per image where HF repeats `<image>` once per feature."""
-    out: list[int] = []
-    for t in ids:
-        if t == image_id:
-            if not out or out[-1] != IMAGE_TOKEN_INDEX:
-                out.append(IMAGE_TOKEN_INDEX)
-        else:
-            out.append(t)
-    return out
+from llava_convert.check import collapse_image_tokens
 
 
 def load_converted(hf_dir: Path):
