@@ -158,6 +158,8 @@ def plan_conversion(
     raise_if(check_targets(entries, expected, target.class_name))
 
     apply_quantization(entries, config, quantize)
+    # Write in source-file order: reads stay sequential (readahead works), as fast as a plain copy.
+    entries.sort(key=_source_order)
     index = assign_shards(entries, max_shard_size)
     return Plan(
         source=ckpt,
@@ -182,6 +184,13 @@ def apply_quantization(entries: list[PlanEntry], config: dict[str, Any], spec: Q
         if should_quantize(e.target, tuple(e.shape), spec):
             e.quant = spec
     config["quantization_config"] = spec.config()
+
+
+def _source_order(e: PlanEntry) -> tuple:
+    if not e.sources:
+        return (1, "", 0, e.target)
+    src = e.sources[0]
+    return (0, str(getattr(src, "path", "")), getattr(src, "offset", 0), e.target)
 
 
 def compute_entry(e: PlanEntry, ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
