@@ -190,12 +190,18 @@ def _source_order(e: PlanEntry) -> tuple:
     if not e.sources:
         return (1, "", 0, e.target)
     src = e.sources[0]
-    return (0, str(getattr(src, "path", "")), getattr(src, "offset", 0), e.target)
+    # Names, not absolute paths: the same checkpoint gives the same bytes wherever it lies (local, Hub cache).
+    path = getattr(src, "path", None)
+    return (0, getattr(src, "origin", ""), path.name if path else "", getattr(src, "offset", 0), e.target)
 
 
 def compute_entry(e: PlanEntry, ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """One entry's output tensors, materialised: read, transform, cast, and quantize if planned."""
+    """One entry's output tensors, materialised: read, transform, cast, and quantize if planned.
+
+    For an entry that `appends` to its source, only the appended rows (the writer copies the rest)."""
     tensors = [s.load() for s in e.sources]
+    if e.appends:
+        return {e.target: transforms.get(e.transform).tail(tensors, ctx, e.shape)}
     if e.transform:
         t = transforms.get(e.transform).apply(tensors, ctx, e.shape)
     else:

@@ -162,6 +162,22 @@ class PlanEntry:
             and self.sources[0].shape == self.shape
         )
 
+    @property
+    def appends(self) -> bool:
+        """True when the output is the source's bytes followed by computed rows (`Transform.tail`): the writer
+        copies the source range and appends, so the matrix never sits in memory (vocabulary padding)."""
+        if self.transform is None or self.quant is not None or len(self.sources) != 1:
+            return False
+        from .transforms import get
+
+        src = self.sources[0]
+        return (
+            get(self.transform).tail is not None
+            and isinstance(src, TensorRef)
+            and src.dtype == self.dtype
+            and src.contiguous
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "target": self.target,

@@ -17,8 +17,13 @@ from .errors import LlavaConvertError
 
 @dataclass(frozen=True)
 class Transform:
+    """`shape` gives the output shape from the source shapes; `apply` computes the output. A transform whose
+    output is its single source followed by extra rows also has `tail`, computing just those rows, so the
+    writer can copy the source bytes and append (no copy of the matrix in memory)."""
+
     shape: Callable[[list[tuple[int, ...]], dict[str, Any], tuple[int, ...] | None], tuple[int, ...]]
     apply: Callable[[list[torch.Tensor], dict[str, Any], tuple[int, ...]], torch.Tensor]
+    tail: Callable[[list[torch.Tensor], dict[str, Any], tuple[int, ...]], torch.Tensor] | None = None
 
 
 def _pad_vocab_shape(shapes, ctx, expected):
@@ -35,19 +40,28 @@ def _pad_vocab(tensors, ctx, shape):
     """Append rows for `<image>`, `<pad>` and alignment, each set to the mean of the original rows.
 
     Deterministic (no sampling), and the mean keeps new logits below the best original one, so greedy
-    decoding never picks a padding row.
+    decoding never picks a padding row. Output in the source dtype (the caller casts).
     """
     (w,) = tensors
-    # Output in the source dtype and the mean accumulated over row blocks: peak memory stays about one
-    # copy of the matrix (a float32 copy of a 32000x4096 embedding would add 0.5 GB, twice).
     out = torch.empty(shape, dtype=w.dtype)
-    rows = w.shape[0]
-    out[:rows] = w
-    acc = torch.zeros(shape[1], dtype=torch.float64)
-    for start in range(0, rows, _MEAN_ROWS):
-        acc += w[start : start + _MEAN_ROWS].sum(dim=0, dtype=torch.float64)
-    out[rows:] = (acc / max(rows, 1)).to(w.dtype)
+    out[: w.shape[0]] = w
+    out[w.shape[0] :] = _pad_rows(tensors, ctx, shape)
     return out
+
+
+def _pad_rows(tensors, ctx, shape):
+    """Just the appended rows of `_pad_vocab`: the row mean, accumulated in float64 over row blocks."""
+    (w,) = tensors
+    rows, cols = w.shape
+    acc = torch.zeros(cols, dtype=torch.float64)
+    buf = torch.empty((min(_MEAN_ROWS, max(rows, 1)), cols), dtype=torch.float64)
+    for start in range(0, rows, _MEAN_ROWS):
+        block = w[start : start + _MEAN_ROWS]
+        b = buf[: block.shape[0]]
+        b.copy_(block)  # a reused float64 buffer: faster than a float64 sum over a half-precision block
+        acc += b.sum(dim=0)
+    mean = (acc / max(rows, 1)).to(w.dtype)
+    return mean.expand(shape[0] - rows, cols).contiguous()
 
 
 _MEAN_ROWS = 1024
@@ -68,7 +82,7 @@ def _expected_shape(shapes, ctx, expected):
 
 
 TRANSFORMS: dict[str, Transform] = {
-    "pad_vocab": Transform(_pad_vocab_shape, _pad_vocab),
+    "pad_vocab": Transform(_pad_vocab_shape, _pad_vocab, tail=_pad_rows),
     "eye": Transform(_expected_shape, _eye),
     "zeros": Transform(_expected_shape, _zeros),
 }

@@ -147,6 +147,21 @@ def write_shards(
                         f.seek(0, os.SEEK_END)
                         actual.append((e.target, e.dtype, e.shape, e.nbytes))
                         n = e.nbytes
+                    elif e.appends:
+                        prefetch(next_computed)
+                        tail = pending.pop(id(e)).result()[e.target]
+                        next_computed += 1
+                        prefetch(next_computed)
+                        src = e.sources[0]
+                        f.flush()
+                        _copy_range(src.path, src.offset, src.nbytes, f)
+                        f.seek(0, os.SEEK_END)
+                        if tail.dtype != e.dtype or tail.shape[1:] != tuple(e.shape[1:]) or tail.shape[0] + src.shape[0] != e.shape[0]:
+                            raise AssertionError(f"{e.target}: appended rows {tail.dtype} {tuple(tail.shape)} do not fit {e.shape}")
+                        f.write(tensor_bytes(tail))
+                        n = src.nbytes + tail.nbytes
+                        actual.append((e.target, e.dtype, e.shape, n))
+                        del tail
                     else:
                         prefetch(next_computed)
                         tensors = pending.pop(id(e)).result()
