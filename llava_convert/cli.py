@@ -63,6 +63,7 @@ def quant_options(f):
     return f
 
 
+# quantize.DEFAULT_SKIP, repeated so that `--help` does not import torch (a test keeps them equal).
 DEFAULT_SKIP = ("lm_head", "vision_tower", "multi_modal_projector")
 
 

@@ -181,3 +181,9 @@ def test_cuda_matches_cpu(tiny, tmp_path):
     with safe_open(str(tmp_path / "cpu" / "model.safetensors"), "pt") as a, safe_open(str(tmp_path / "gpu" / "model.safetensors"), "pt") as b:
         for k in a.keys():
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_cli_default_skip_list_is_the_policy_default():
+    from llava_convert import cli, quantize
+
+    assert cli.DEFAULT_SKIP == quantize.DEFAULT_SKIP
