@@ -171,8 +171,12 @@ def _print_plan(plan, as_json: bool) -> None:
         src = ", ".join(t["source"]) or "(synthesized)"
         tr = f" [{t['transform']}]" if t["transform"] else ""
         click.echo(f"  {src} -> {t['target']}{tr} {t['dtype']} {tuple(t['shape'])} {t['shard']}")
+    by_rule: dict[str, list[str]] = {}
     for d in s["dropped"]:
-        click.echo(f"  {d['source']} -> (dropped, {d['rule']})")
+        by_rule.setdefault(d["rule"], []).append(d["source"])
+    for rule, keys in by_rule.items():  # --json lists every dropped key
+        shown = keys[0] if len(keys) == 1 else f"{len(keys)} keys, e.g. {keys[0]}"
+        click.echo(f"  {shown} -> (dropped, {rule})")
     click.echo(f"{len(s['tensors'])} tensors, {s['total_bytes'] / 1e9:.3f} GB, {len(s['shards'])} shard(s)")
 
 
