@@ -118,37 +118,24 @@ def llm_state(gen: torch.Generator, *, vocab: int = VOCAB, projector: str = "mlp
 
 
 def original_config(clip: Path, *, projector: str = "mlp2x_gelu", **overrides) -> dict:
-    cfg = {
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "model_type": "llava",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "hidden_act": "silu",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "rope_scaling": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float16",
-        "vocab_size": VOCAB,
-        "use_cache": True,
-        "image_aspect_ratio": "pad",
-        "mm_hidden_size": V_HIDDEN,
-        "mm_projector_type": projector,
-        "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False,
-        "mm_vision_select_feature": "patch",
-        "mm_vision_select_layer": -2,
-        "mm_vision_tower": str(clip),
-        "tune_mm_mlp_adapter": False,
-        "unfreeze_mm_vision_tower": False,
-        "use_mm_proj": True,
-    }
+    """config.json of an original LLaVA checkpoint: the base LLM's fields plus the authors' mm_* fields."""
+    cfg = base_config(
+        architectures=["LlavaLlamaForCausalLM"],
+        model_type="llava",
+        rope_scaling=None,
+        use_cache=True,
+        image_aspect_ratio="pad",
+        mm_hidden_size=V_HIDDEN,
+        mm_projector_type=projector,
+        mm_use_im_patch_token=False,
+        mm_use_im_start_end=False,
+        mm_vision_select_feature="patch",
+        mm_vision_select_layer=-2,
+        mm_vision_tower=str(clip),
+        tune_mm_mlp_adapter=False,
+        unfreeze_mm_vision_tower=False,
+        use_mm_proj=True,
+    )
     cfg.update(overrides)
     return cfg
 
