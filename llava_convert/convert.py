@@ -47,11 +47,7 @@ class Plan:
 
     @property
     def facts(self) -> dict[str, Any]:
-        return {
-            "architecture": self.source.architecture,
-            "projector": self.source.projector_type,
-            "vision_from": "checkpoint" if self.source.tower_in_checkpoint else "tower",
-        }
+        return self.source.facts
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -124,11 +120,7 @@ def plan_conversion(
     config = llava_config(ckpt, tower, vocab)
     config["dtype"] = config["torch_dtype"] = str(out_dtype).replace("torch.", "")
 
-    facts = {
-        "architecture": ckpt.architecture,
-        "projector": ckpt.projector_type,
-        "vision_from": "checkpoint" if ckpt.tower_in_checkpoint else "tower",
-    }
+    facts = ckpt.facts
     problems: list[str] = []
     results: list[MapResult] = [map_tensors(tensors, load_table("llava.toml"), facts, problems)]
     if not ckpt.tower_in_checkpoint:

@@ -4,6 +4,14 @@ A table is data: ordered rules (full-match regex with named groups -> target tem
 synthesized targets, named transforms and `when` conditions on checkpoint facts. The planner maps every
 source key, then checks the result against the target model's own parameters (built on the meta device)
 and reports every problem at once, naming the table and rule.
+
+How rules compose (among the rules whose `when` holds for the checkpoint):
+
+* a drop wins: a key that matches a `drop = true` rule is dropped, whatever target rules it also matches,
+  so a drop carves an exception out of a general rule (`...embeddings.position_ids` out of `vision_model.*`);
+  when several drops match, the first in table order is the one recorded (and whose `warn` is shown);
+* otherwise exactly one target rule must match: none is an unmapped key, two or more is an error;
+* after mapping, every parameter of the target model must be produced exactly once (`check_targets`).
 """
 
 from __future__ import annotations
@@ -201,7 +209,8 @@ class MapResult:
 def map_tensors(
     tensors: dict[str, TensorRef], table: Table, facts: dict[str, Any], problems: list[str]
 ) -> MapResult:
-    """Map each source tensor through the table's rules. Problems are appended, not raised."""
+    """Map each source tensor through the table's rules (a matching drop wins; otherwise exactly one target
+    rule must match). Problems are appended, not raised."""
     entries: list[PlanEntry] = []
     dropped: list[tuple[str, str]] = []
     warned: dict[str, list[str]] = {}
@@ -211,15 +220,17 @@ def map_tensors(
         if not hits:
             problems.append(f"{name}: no rule in mappings/{table.name} matches this key")
             continue
-        if len(hits) > 1:
-            problems.append(f"{name}: matches several rules ({', '.join(r.where for r, _ in hits)})")
-            continue
-        rule, m = hits[0]
-        if rule.drop:
+        drops = [r for r, _ in hits if r.drop]
+        if drops:
+            rule = drops[0]
             dropped.append((name, rule.where))
             if rule.warn:
                 warned.setdefault(rule.warn, []).append(name)
             continue
+        if len(hits) > 1:
+            problems.append(f"{name}: matches several target rules ({', '.join(r.where for r, _ in hits)})")
+            continue
+        rule, m = hits[0]
         target = rule.target.format(**m.groupdict())
         entries.append(PlanEntry(target, (tensors[name],), rule.transform, rule.where))
     for rule in table.synthesize:

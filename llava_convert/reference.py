@@ -482,6 +482,22 @@ class LayerStreamer:
             h.remove()
 
 
+def clip_vision_state(refs: dict[str, TensorRef], *, where: str) -> dict[str, TensorRef]:
+    """A CLIP tower's weights (any layout `mappings/clip.toml` reads: CLIPModel or CLIPVisionModel, saved by
+    transformers 4.x or 5.x, with or without position_ids buffers) keyed as transformers 5's
+    `CLIPVisionModel` names them (no `vision_model.`). Read through the table `convert` maps towers with,
+    so the two commands accept the same towers."""
+    from .errors import MappingError
+    from .mapping import load_table, map_tensors
+
+    problems: list[str] = []
+    result = map_tensors(refs, load_table("clip.toml"), {}, problems)
+    if problems:
+        raise LlavaConvertError(f"{where}: {MappingError(problems)}")
+    prefix = "vision_tower.vision_model."
+    return {e.target[len(prefix) :]: e.sources[0] for e in result.entries}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The reference model
 # ----------------------------------------------------------------------------------------------------------
@@ -702,16 +718,7 @@ class ReferenceModel:
         cfg = clip_vision_config(self.tower, VISION_ATTENTION)
         with torch.device("meta"):
             model = CLIPVisionModel(cfg)
-        state: dict[str, TensorRef] = {}
-        for k, r in refs.items():
-            # 4.x saves (CLIPModel or CLIPVisionModel) nest under vision_model.; a 5.x CLIPVisionModel save does not.
-            if k.startswith("vision_model."):
-                state[k[len("vision_model.") :]] = r
-            elif not k.startswith(("text_model.", "text_projection", "visual_projection", "logit_scale")):
-                state[k] = r
-        # Older saves carry the position_ids buffer; the authors' loader ignores it (it is rebuilt below).
-        state.pop("embeddings.position_ids", None)
-        load_into(model, state, self.dtype, where=where)
+        load_into(model, clip_vision_state(refs, where=where), self.dtype, where=where)
         materialize_buffers(model)
         return model.eval()
 

@@ -80,6 +80,15 @@ class OriginalCheckpoint:
     def tower_in_checkpoint(self) -> bool:
         return bool(self.config.get("unfreeze_mm_vision_tower", False))
 
+    @property
+    def facts(self) -> dict[str, Any]:
+        """What the mapping tables' `when` conditions test."""
+        return {
+            "architecture": self.architecture,
+            "projector": self.projector_type,
+            "vision_from": "checkpoint" if self.tower_in_checkpoint else "tower",
+        }
+
 
 def open_original(path: Path, *, form: str = "full", repo_id: str | None = None) -> OriginalCheckpoint:
     """Recognise SOURCE as an original LLaVA checkpoint, or explain what it is instead.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_unmapped_and_ambiguous_reported_together():
     map_tensors(refs("zzz", "c.d", "b.w"), table, {"kind": "none"}, problems)
     assert sorted(problems) == [
         "b.w: no rule in mappings/t.toml matches this key",
-        "c.d: matches several rules (mappings/t.toml rule #5, mappings/t.toml rule #6)",
+        "c.d: matches several target rules (mappings/t.toml rule #5, mappings/t.toml rule #6)",
         "zzz: no rule in mappings/t.toml matches this key",
     ]
     err = MappingError(problems)
@@ -124,3 +125,73 @@ def test_shipped_tables_parse():
     assert "llava.toml" in names and "clip.toml" in names
     for n in names:
         assert load_table(n).rules
+
+
+DROP_FIRST = r"""
+[[rule]]
+source = 'v\.general\.(?P<rest>.+)'
+target = 'V.{rest}'
+
+[[rule]]
+source = 'v\.general\.buffer'
+drop = true
+
+[[rule]]
+source = 'v\.(other|general\.buffer)'
+drop = true
+warn = "stray v"
+"""
+
+
+def test_a_drop_wins_over_a_general_rule_and_the_first_drop_is_recorded():
+    table = parse_table("t.toml", DROP_FIRST)
+    problems: list[str] = []
+    res = map_tensors(refs("v.general.w", "v.general.buffer", "v.other"), table, {}, problems)
+    assert problems == []
+    assert [e.target for e in res.entries] == ["V.w"]
+    assert res.dropped == [("v.general.buffer", "mappings/t.toml rule #2"), ("v.other", "mappings/t.toml rule #3")]
+    assert res.warnings == ["stray v (1 key(s), e.g. v.other)"]
+
+
+def test_shipped_table_headers_state_the_semantics_and_name_real_files():
+    root = mappings_dir().parent
+    for path in mappings_dir().glob("*.toml"):
+        text = path.read_text()
+        assert "a key matching a drop" in " ".join(text.split()), path.name
+        for ref in re.findall(r"llava_convert/[\w/]+\.py", text):
+            assert (root / ref).is_file(), f"{path.name} names {ref}, which does not exist"
+
+
+def _clip_keys(prefix: str, *, position_ids: bool, text: bool) -> list[str]:
+    names = [
+        "embeddings.class_embedding", "embeddings.patch_embedding.weight", "embeddings.position_embedding.weight",
+        "pre_layrnorm.weight", "post_layernorm.bias", "encoder.layers.0.self_attn.q_proj.weight",
+    ]
+    keys = [prefix + n for n in names]
+    if position_ids:
+        keys.append(prefix + "embeddings.position_ids")
+    if text:
+        keys += ["text_model.embeddings.position_ids", "text_model.embeddings.token_embedding.weight",
+                 "text_model.final_layer_norm.weight", "text_projection.weight", "visual_projection.weight",
+                 "logit_scale"]
+    return keys
+
+
+@pytest.mark.parametrize(
+    ("layout", "prefix", "position_ids", "text"),
+    [
+        ("CLIPModel saved by transformers 4.21 (the released openai towers)", "vision_model.", True, True),
+        ("CLIPModel saved by transformers >= 4.31", "vision_model.", False, True),
+        ("CLIPVisionModel saved by transformers 4.x", "vision_model.", False, False),
+        ("CLIPVisionModel saved by transformers 4.21", "vision_model.", True, False),
+        ("CLIPVisionModel saved by transformers 5", "", False, False),
+    ],
+)
+def test_clip_table_reads_every_tower_layout(layout, prefix, position_ids, text):
+    problems: list[str] = []
+    res = map_tensors(refs(*_clip_keys(prefix, position_ids=position_ids, text=text)), load_table("clip.toml"),
+                      {}, problems)
+    assert problems == [], layout
+    assert sorted(e.target for e in res.entries) == sorted(
+        "vision_tower.vision_model." + k for k in _clip_keys("", position_ids=False, text=False)
+    )
