@@ -944,6 +944,16 @@ def _pixel_hint(orig: OriginalRun, c_flat: torch.Tensor, t: Thresholds, anyres: 
             a = a.reshape(-1, *a.shape[-3:])
             if a.shape == c_flat.shape and float((a - c_flat).abs().max()) <= t.pixel_atol:
                 return text
+    transposed = alt.get("pixel_values:pinpoints_hw")
+    if transposed is not None:
+        transposed = transposed.reshape(-1, *transposed.shape[-3:])
+        if transposed.shape == c_flat.shape and float((transposed - c_flat).abs().max()) <= t.pixel_atol:
+            return (
+                "pixel_values differ: the transposed anyres grid; image_grid_pinpoints were copied as the authors "
+                "wrote them, but the authors read each pair as (width, height) and transformers as (height, "
+                "width), so where candidates tie (an image no larger than the tower) another grid wins; "
+                "convert again with this llava-convert, which writes the pairs swapped"
+            )
     if anyres and c_flat.shape[0] != orig.stages.pixel_values.reshape(-1, *c_flat.shape[-3:]).shape[0]:
         return "pixel_values differ: a different anyres grid (image_grid_pinpoints?)"
     return "pixel_values differ: image processor settings (size, crop, resample, mean/std, do_pad)?"

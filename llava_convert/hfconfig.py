@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,19 @@ def check_next_supported(ckpt: OriginalCheckpoint, vision: dict[str, Any]) -> No
         )
 
 
+def hf_grid_pinpoints(pinpoints: list | str) -> list[list[int]]:
+    """The authors' `image_grid_pinpoints` in the form transformers reads them.
+
+    The authors' `select_best_resolution` (llava/mm_utils.py) reads each pair as (width, height), transformers'
+    (processor and model alike) as (height, width); both run the same arithmetic and keep the first best
+    candidate in list order. Swapping each pair and keeping the order makes transformers pick the authors' grid
+    for every image size, ties included: an image no larger than the tower on both sides upscales equally into
+    several candidates, and the first listed wins (the lists are symmetric, so only ties tell them apart).
+    """
+    pins = ast.literal_eval(pinpoints) if isinstance(pinpoints, str) else pinpoints
+    return [[int(h), int(w)] for w, h in pins]
+
+
 def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> dict[str, Any]:
     """The full HF config dict (`LlavaConfig` or `LlavaNextConfig`), validated by building the class."""
     from transformers import LlavaConfig, LlavaNextConfig
@@ -173,7 +187,7 @@ def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> 
     )
     if ckpt.architecture == "llava_next":
         check_next_supported(ckpt, vision)
-        cfg = LlavaNextConfig(image_grid_pinpoints=ckpt.config["image_grid_pinpoints"], **common)
+        cfg = LlavaNextConfig(image_grid_pinpoints=hf_grid_pinpoints(ckpt.config["image_grid_pinpoints"]), **common)
         arch = "LlavaNextForConditionalGeneration"
     else:
         cfg = LlavaConfig(**common)

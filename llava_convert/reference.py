@@ -951,6 +951,13 @@ class ReferenceModel:
             alt["pixel_values:crop"] = self.image_processor(image, return_tensors="pt")["pixel_values"]
         elif aspect != "anyres":
             alt["pixel_values:pad"] = process_image(image, self.image_processor, "pad")
+        else:
+            # The pinpoints copied as written: transformers reads each pair as (height, width), which on a tie
+            # (an image no larger than the tower on both sides) picks the transposed grid.
+            pins = _pinpoints(self.config.get("image_grid_pinpoints"))
+            transposed = [(h, w) for w, h in pins]
+            if select_best_resolution(image.size, transposed) != select_best_resolution(image.size, pins):
+                alt["pixel_values:pinpoints_hw"] = process_image(image, self.image_processor, aspect, transposed)
         layer = int(self.config.get("mm_vision_select_layer", -2))
         for label, refs in (("stock", self.stock_tower_refs()), ("stray", self.stray_tower_refs())):
             if refs is None:

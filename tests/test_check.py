@@ -10,6 +10,7 @@ import json
 import shutil
 
 import builders
+import numpy as np
 import pytest
 import torch
 from builders import HIDDEN, clip_vision_state, llm_state, write_original
@@ -299,6 +300,35 @@ def test_image_newline_differs(v16, tmp_path):
     bad = broken(hf, tmp_path)
     edit_weights(bad, lambda sd: sd.update(image_newline=torch.zeros_like(sd["image_newline"])))
     _fails_at(ckpt, bad, "image merge (unpad + newline)", "image_newline differs?")
+
+
+def _noise(width, height, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def test_next_matches_on_images_no_larger_than_the_tower(v16):
+    """Every pinpoint upscales a 25x15 image equally: the first listed wins, read as the authors read them."""
+    ckpt, hf = v16
+    sizes = [(25, 15), (15, 25), (28, 28), (83, 50)]
+    report = check(ckpt, hf, images=[_noise(w, h, seed=i) for i, (w, h) in enumerate(sizes)], max_new_tokens=2)
+    assert report.passed, report.summary()
+    assert all(im.pixel_max_diff == 0.0 for im in report.images)
+
+
+def test_pinpoints_copied_as_the_authors_wrote_them(v16, tmp_path):
+    ckpt, hf = v16
+    bad = broken(hf, tmp_path)
+    authors = json.loads((ckpt / "config.json").read_text())["image_grid_pinpoints"]
+    edit_json(bad / "config.json", lambda c: c.update(image_grid_pinpoints=authors))
+    edit_json(bad / "processor_config.json", lambda c: c["image_processor"].update(image_grid_pinpoints=authors))
+    report = check(ckpt, bad, images=[_noise(25, 15)], max_new_tokens=2)
+    assert not report.passed
+    (im,) = report.images
+    assert im.first_divergence == "pixel_values"
+    assert "the transposed anyres grid" in im.hint and "(width, height)" in im.hint
 
 
 def test_json_report_of_a_failure(v15, tmp_path):

@@ -31,7 +31,9 @@ def test_next_matches_authors(oracle_case, tmp_path, case, template):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlavaNextForConditionalGeneration"]
     assert cfg["model_type"] == "llava_next"
-    assert cfg["image_grid_pinpoints"] == [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+    # The authors read each pair as (width, height), transformers as (height, width): written swapped, in order.
+    assert cfg["image_grid_pinpoints"] == [[56, 28], [28, 56], [56, 56], [84, 28], [28, 84]]
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_grid_pinpoints"] == cfg["image_grid_pinpoints"]
     report = assert_parity(out, case_dir)
     # The three aspect ratios pick three different grids.
     assert len({r["num_image_tokens"] for r in report.values()}) == 3
