@@ -104,7 +104,7 @@ def source_options(f):
     help="Output dtype; auto keeps the checkpoint's own.",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB.")
-@click.option("--chat-template", default=None, help="Authors' conversation mode (default: chosen from the name).")
+@click.option("--chat-template", default=None, help="Authors' conversation mode (default: from the Hub repo id, the config, else the name).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
@@ -128,6 +128,7 @@ def convert(source, output, base, revision, delta, vision_tower, quantize, doubl
     if not dry_run:
         execute(plan, output, force=force, progress=not quiet)
     _echo_warnings(plan)
+    click.echo(f"Chat template {plan.chat_template}: {plan.chat_template_reason}", err=True)
     if dry_run:
         _print_plan(plan, as_json)
         return
@@ -164,7 +165,8 @@ def _print_plan(plan, as_json: bool) -> None:
         click.echo(json.dumps(s, indent=2))
         return
     click.echo(f"{s['source']} -> {s['target']} ({s['form']}, {s['backbone']} backbone, {s['facts']})")
-    click.echo(f"vision tower: {s['vision_tower']}; dtype {s['dtype']}; chat template {s['chat_template']}")
+    click.echo(f"vision tower: {s['vision_tower']}; dtype {s['dtype']}")
+    click.echo(f"chat template {s['chat_template']}: {s['chat_template_reason']}")
     v = s["vocab"]
     click.echo(f"vocab: {v['original']} -> {v['padded']} (<image> = {v['image_token_id']}, <pad> = {v['pad_token_id']})")
     for t in s["tensors"]:
@@ -222,7 +224,7 @@ def inspect(source, base, revision, delta, vision_tower, as_json):
     click.echo(f"  facts: {s['facts']}")
     click.echo(f"  weight files: {', '.join(Path(f).name for f in s['files'])}")
     click.echo(f"  vision tower: {s['vision_tower']}")
-    click.echo(f"  converts to: {s['target']} (chat template {s['chat_template']})")
+    click.echo(f"  converts to: {s['target']} (chat template {s['chat_template']}: {s['chat_template_reason']})")
     _print_plan(plan, False)
 
 

@@ -19,7 +19,7 @@ from .forms import open_source, read_tensors
 from .hfconfig import Vocab, llava_config
 from .logs import quiet
 from .mapping import MapResult, PlanEntry, check_targets, load_table, map_tensors, raise_if
-from .processor import chat_template_name, plan_tokens
+from .processor import choose_chat_template, plan_tokens
 from .quantize import QuantSpec, quantize_tensor, should_quantize
 from .readers import TensorRef, read_checkpoint
 from .source import OriginalCheckpoint, VisionTower, find_vision_tower, read_json
@@ -42,6 +42,7 @@ class Plan:
     index: dict[str, Any]
     dtype: torch.dtype
     chat_template: str
+    chat_template_reason: str = ""
     dropped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -65,6 +66,7 @@ class Plan:
             },
             "dtype": str(self.dtype).replace("torch.", ""),
             "chat_template": self.chat_template,
+            "chat_template_reason": self.chat_template_reason,
             "total_bytes": self.index["metadata"]["total_size"],
             "shards": sorted({e.shard for e in self.entries}),
             "tensors": [e.describe() for e in self.entries],
@@ -153,6 +155,7 @@ def plan_conversion(
     # Write in source-file order: reads stay sequential (readahead works), as fast as a plain copy.
     entries.sort(key=_source_order)
     index = assign_shards(entries, max_shard_size)
+    template = choose_chat_template(ckpt, chat_template)
     return Plan(
         source=ckpt,
         tower=tower,
@@ -161,9 +164,10 @@ def plan_conversion(
         entries=entries,
         index=index,
         dtype=out_dtype,
-        chat_template=chat_template_name(ckpt, chat_template),
+        chat_template=template.name,
+        chat_template_reason=template.reason,
         dropped=[d for r in results for d in r.dropped],
-        warnings=form_warnings + [w for r in results for w in r.warnings],
+        warnings=form_warnings + [w for r in results for w in r.warnings] + ([template.warning] if template.warning else []),
     )
 
 
@@ -276,7 +280,8 @@ def convert(
         vision_tower: CLIP directory or Hub repo id; default: the config's `mm_vision_tower`.
         dtype: "auto" (the checkpoint's own), "float16", "bfloat16" or "float32".
         max_shard_size: largest shard, e.g. "5GB" or a byte count.
-        chat_template: one of the authors' conversation modes; default: the authors' choice for the name.
+        chat_template: one of the authors' conversation modes; default: chosen from the Hub repo id, the
+            config and, last, the name (`processor.choose_chat_template`; the plan records why).
         quantize: write Linear weights bitsandbytes-quantized (int8, nf4, fp4) as the spec says.
         dry_run: plan and validate only; write nothing.
         force: replace an existing OUTPUT.

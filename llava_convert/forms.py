@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .errors import LlavaConvertError
-from .hub import locate
+from .hub import cached_repo_id, locate
 from .readers import (
     WEIGHT_INDEX_NAMES,
     WEIGHT_SINGLE_NAMES,
@@ -191,21 +191,59 @@ def detect_form(path: Path, *, name: str | None = None, delta: bool | None = Non
     return "delta" if delta else "full"
 
 
+# The base LLMs of the authors' LoRA and projector-only releases as their MODEL_ZOO.md pairs them, keyed by the
+# name the release's files record for it (`./checkpoints/vicuna-7b-v1-5` on the machine it was trained on),
+# normalised by `_base_key`.
+MODEL_ZOO_BASES = {
+    "vicuna-7b-v1-5": "lmsys/vicuna-7b-v1.5",
+    "vicuna-13b-v1-5": "lmsys/vicuna-13b-v1.5",
+    "vicuna-7b-v1-3": "lmsys/vicuna-7b-v1.3",
+    "vicuna-13b-v1-3": "lmsys/vicuna-13b-v1.3",
+    "llama-2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+    "llama-2-13b-chat": "meta-llama/Llama-2-13b-chat-hf",
+    "mpt-7b-chat": "mosaicml/mpt-7b-chat",
+}
+
+
+def _base_key(recorded: str) -> str:
+    name = re.sub(r"[._]", "-", recorded.rstrip("/").rsplit("/", 1)[-1].lower())
+    return name.removesuffix("-hf")
+
+
+def suggested_base(recorded: str | None) -> tuple[str | None, str]:
+    """A `--base` a user can pass for the base a release records, and why; (None, why) when there is none.
+
+    A Hub id is itself; a path from the training machine (`./checkpoints/vicuna-7b-v1-5`) becomes the Hub id the
+    authors' MODEL_ZOO pairs with it; a path that exists here is itself; any other path is not suggested."""
+    if not recorded:
+        return None, ""
+    known = MODEL_ZOO_BASES.get(_base_key(recorded))
+    if known is not None:
+        return known, "the base LLM the authors' MODEL_ZOO pairs with it"
+    if Path(recorded).is_dir():
+        return recorded, "the base LLM its files record"
+    from .hub import parse_repo_id
+
+    if not recorded.startswith((".", "/", "~")) and parse_repo_id(recorded):
+        return recorded, "the Hub id its files record"
+    return None, f"its files record {_base_key(recorded)!r} at a path of the machine it was trained on"
+
+
 def base_hint(ckpt: OriginalCheckpoint) -> str:
-    """What a checkpoint of a form that needs a base LLM asks for, with the base its files record."""
+    """What a checkpoint of a form that needs a base LLM asks for, with a base a user can pass."""
     if ckpt.form == "lora":
         recorded = read_json(ckpt.path / ADAPTER_CONFIG).get("base_model_name_or_path")
-        where = "adapter_config.json"
     elif ckpt.form == "projector":
-        recorded, where = ckpt.config.get("_name_or_path"), "config.json"
+        recorded = ckpt.config.get("_name_or_path")
     else:
-        recorded, where = None, ""
+        recorded = None
     if ckpt.form == "delta":
         return "delta weights (target = base + delta): pass --base <the base LLM the delta was made from>"
     title = "LoRA adapter" if ckpt.form == "lora" else "projector-only checkpoint (pretrain stage)"
-    if recorded:
-        return f"{title}: pass --base <the base LLM>, e.g. {recorded} as recorded in {where}"
-    return f"{title}: pass --base <the base LLM it was trained from>"
+    base, why = suggested_base(recorded if isinstance(recorded, str) else None)
+    if base:
+        return f"{title}: pass --base {base} ({why})"
+    return f"{title}: pass --base <the base LLM it was trained from>" + (f" ({why})" if why else "")
 
 
 def open_source(
@@ -234,8 +272,9 @@ def open_source(
     found = locate(source, revision=revision, role="SOURCE")
     if revision and found.repo_id is None:
         raise LlavaConvertError(f"--revision {revision}: SOURCE {source} is a local directory, not a Hub repo id")
-    form = detect_form(found.path, name=authors_name(found.path, found.repo_id), delta=delta)
-    ckpt = open_original(found.path, form="full" if form == "hf" else form, repo_id=found.repo_id)
+    repo_id = found.repo_id or cached_repo_id(found.path)
+    form = detect_form(found.path, name=authors_name(found.path, repo_id), delta=delta)
+    ckpt = open_original(found.path, form="full" if form == "hf" else form, repo_id=repo_id)
     if form not in NEEDS_BASE:
         if base is not None:
             raise LlavaConvertError(

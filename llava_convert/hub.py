@@ -97,6 +97,17 @@ def locate(
     return Located(snapshot, repo_id, rev)
 
 
+def cached_repo_id(path: Path | str) -> str | None:
+    """`org/name` when PATH is a snapshot folder of the Hugging Face cache (`.../models--org--name/snapshots/<sha>`),
+    read as huggingface_hub names its cache folders; else None. The path as given is tried, then resolved."""
+    for parts in (Path(path).absolute().parts, Path(path).resolve().parts):
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            repo = parts[-3][len("models--") :].replace("--", "/")
+            if parse_repo_id(repo):
+                return repo
+    return None
+
+
 def _has_small_form_files(snapshot: Path) -> bool:
     """LoRA and projector-only repos carry no full weights: the metadata pass fetched all they hold."""
     if (snapshot / "adapter_config.json").is_file():

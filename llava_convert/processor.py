@@ -3,6 +3,7 @@ the way the authors preprocess (pad-to-square, anyres tiling), and the chat temp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from .errors import LlavaConvertError
 from .hfconfig import Vocab, plan_vocab
 from .logs import quiet
 from .source import OriginalCheckpoint, VisionTower, read_json
-from .templates import authors_conv_mode, template_for
+from .templates import RELEASE_NAMES, TemplateChoice, authors_name_rule, template_for
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -161,8 +162,87 @@ def _image_kwargs(tower: VisionTower) -> dict[str, Any]:
     return kw
 
 
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# The LLaVA-1.5 / 1.6 recipe (two-layer MLP projector) on a Llama-family LLM: every release of it (Vicuna
+# v1.5, and the Yi / Mistral ones decided before this rule) was trained and evaluated with the v1 conversation.
+_V1_PROJECTOR = "mlp2x_gelu"
+
+
+def tokenizer_has(tokenizer_dir: Path, tokens: tuple[str, ...]) -> bool:
+    """Whether the tokenizer files in TOKENIZER_DIR hold every one of TOKENS (as added tokens or vocabulary
+    pieces), read without building the tokenizer."""
+    found: set[str] = set()
+    for name in ("tokenizer_config.json", "tokenizer.json", "added_tokens.json", "special_tokens_map.json"):
+        path = tokenizer_dir / name
+        if path.is_file():
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            found.update(t for t in tokens if json.dumps(t) in text)
+    spm = tokenizer_dir / "tokenizer.model"
+    if len(found) < len(tokens) and spm.is_file():
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        try:
+            proto.ParseFromString(spm.read_bytes())
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError: not a SentencePiece model
+            return False
+        pieces = {p.piece for p in proto.pieces}
+        found.update(t for t in tokens if t in pieces)
+    return len(found) == len(tokens)
+
+
+def choose_chat_template(ckpt: OriginalCheckpoint, override: str | None = None) -> TemplateChoice:
+    """The authors' conversation mode for CKPT, chosen from what identifies the model, and why.
+
+    In order: `override` (--chat-template); the Hub repo id (SOURCE given as one, or a snapshot folder of the
+    HF cache) through the authors' name rule when one of its markers is in the name; the config's own fields
+    where they decide it (a Mistral backbone; a ChatML tokenizer, as Yi's; the LLaVA-1.5 / 1.6 MLP projector on
+    a Llama backbone); last, as the authors do, the folder name, with a warning when that name is not the name
+    of a release.
+
+    Example:
+        >>> choose_chat_template(open_original(Path("llava-v1.5-7b"))).name  # doctest: +SKIP
+        'llava_v1'
+    """
+    if override:
+        return TemplateChoice(override, "given with --chat-template")
+    if ckpt.repo_id:
+        repo_name = ckpt.name
+        mode, marker = authors_name_rule(repo_name)
+        if marker is not None:
+            return TemplateChoice(
+                mode, f"from the Hub repo id {ckpt.repo_id} ('{marker}' in its name, the authors' run_llava.py rule)"
+            )
+    if ckpt.backbone == "mistral":
+        return TemplateChoice(
+            "mistral_instruct", f"config.json model_type {ckpt.config.get('model_type')!r} (a Mistral backbone)"
+        )
+    if tokenizer_has(ckpt.tokenizer_dir, CHATML_TOKENS):
+        return TemplateChoice("chatml_direct", "the tokenizer has the ChatML tokens <|im_start|> / <|im_end|>")
+    if ckpt.projector_type == _V1_PROJECTOR:
+        return TemplateChoice(
+            "llava_v1",
+            f"config.json mm_projector_type {_V1_PROJECTOR!r} on a Llama backbone (the LLaVA-1.5 / 1.6 recipe)",
+        )
+    name = ckpt.name
+    mode, marker = authors_name_rule(name)
+    rule = f"'{marker}' in it" if marker else "no marker in it, the authors' default"
+    where = f"the Hub repo name {name!r}" if ckpt.repo_id else f"the folder name {name!r}"
+    choice = f"from {where} ({rule}, the authors' run_llava.py rule)"
+    warning = None
+    if name.lower() not in RELEASE_NAMES:
+        warning = (
+            f"chat template {mode!r} chosen {choice}, which does not name a LLaVA release and config.json does not "
+            "decide it; pass --chat-template if the model was trained with another conversation mode"
+        )
+    return TemplateChoice(mode, choice, warning)
+
+
 def chat_template_name(ckpt: OriginalCheckpoint, override: str | None) -> str:
-    return override or authors_conv_mode(ckpt.name)
+    return choose_chat_template(ckpt, override).name
 
 
 def build_processor(

@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import LlavaConvertError
 from .logs import quiet
+from .processor import choose_chat_template
 from .readers import TensorRef, read_checkpoint, weight_files
 from .source import (
     ORIGINAL_MODEL_TYPES,
@@ -45,7 +46,6 @@ from .source import (
     open_original,
     read_json,
 )
-from .templates import authors_conv_mode
 
 IMAGE_TOKEN_INDEX = -200
 DEFAULT_IMAGE_TOKEN = "<image>"
@@ -638,7 +638,7 @@ class ReferenceModel:
         self.cfg_path = self.ckpt.path / "config.json"
         self.dtype = DTYPES[dtype]
         self.low_memory = low_memory
-        self.conv_mode = authors_conv_mode(self.ckpt.name)
+        self.conv_mode = choose_chat_template(self.ckpt).name
         tokenizer_dir = self.ckpt.tokenizer_dir
         with quiet():
             try:

@@ -51,7 +51,7 @@ class OriginalCheckpoint:
     backbone: str  # "llama" | "mistral"
     weight_files: list[Path]
     base: Path | None = None  # the base LLM a lora / projector / delta checkpoint is applied to
-    repo_id: str | None = None  # when SOURCE was given as a Hub repo id
+    repo_id: str | None = None  # when SOURCE was given as a Hub repo id, or is a snapshot of the HF cache
     tokenizer_path: Path | None = None
 
     @property
@@ -94,8 +94,12 @@ def open_original(path: Path, *, form: str = "full", repo_id: str | None = None)
     """Recognise SOURCE as an original LLaVA checkpoint, or explain what it is instead.
 
     `form` (from `forms.detect_form`) says which files hold its weights; a lora / projector / delta
-    checkpoint still needs its base LLM (`forms.open_source` attaches it).
+    checkpoint still needs its base LLM (`forms.open_source` attaches it). `repo_id` defaults to the repo
+    of a Hugging Face cache snapshot folder.
     """
+    from .hub import cached_repo_id
+
+    repo_id = repo_id or cached_repo_id(path)
     if not path.exists():
         raise LlavaConvertError(f"{path}: no such directory")
     if not path.is_dir():

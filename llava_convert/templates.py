@@ -7,6 +7,8 @@ text as the authors' `run_llava.py` does. The tokenizer adds BOS, as the authors
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .errors import LlavaConvertError
 
 # Renders a message's content: a plain string, or a list of {"type": "image"} / {"type": "text"} items.
@@ -119,6 +121,13 @@ TEMPLATES: dict[str, str] = {
     "chatml_direct": _mpt(
         "<|im_start|>system\nAnswer the questions.", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"
     ),
+    "mpt": _mpt(
+        "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
+        "The assistant gives helpful and honest answers.",
+        "<|im_start|>user\n",
+        "<|im_start|>assistant\n",
+        "<|im_end|>",
+    ),
 }
 
 
@@ -133,17 +142,45 @@ def template_for(name: str, *, image_text: str = "<image>\n") -> str:
     return "{%- set IMAGE = " + repr(image_text) + " -%}" + tpl
 
 
+# `llava/eval/run_llava.py`: the first of these substrings found in the lower-cased model name picks the mode;
+# a name with none of them gets "llava_v0".
+AUTHORS_NAME_RULES: tuple[tuple[str, str], ...] = (
+    ("llama-2", "llava_llama_2"),
+    ("mistral", "mistral_instruct"),
+    ("v1.6-34b", "chatml_direct"),
+    ("v1", "llava_v1"),
+    ("mpt", "mpt"),
+)
+AUTHORS_DEFAULT_MODE = "llava_v0"
+
+# The liuhaotian releases (Hub repo names, lower-cased): a folder with one of these names identifies its release.
+RELEASE_NAMES = frozenset({
+    "llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.5-7b-lora", "llava-v1.5-13b-lora",
+    "llava-v1.6-vicuna-7b", "llava-v1.6-vicuna-13b", "llava-v1.6-mistral-7b", "llava-v1.6-34b",
+    "llava-llama-2-13b-chat-lightning-preview", "llava-llama-2-7b-chat-lightning-lora-preview",
+    "llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5", "llava-v1.5-mlp2x-336px-pretrain-vicuna-13b-v1.5",
+    "llava-7b-delta-v0", "llava-13b-delta-v0", "llava-lightning-7b-delta-v1-1", "llava-lightning-mpt-7b-preview",
+})
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """Which of the authors' conversation modes a conversion uses, and why (shown to the user)."""
+
+    name: str
+    reason: str
+    warning: str | None = None
+
+
+def authors_name_rule(model_name: str) -> tuple[str, str | None]:
+    """The authors' mode for MODEL_NAME and the substring that decided it (None: nothing matched, the default)."""
+    name = model_name.lower()
+    for marker, mode in AUTHORS_NAME_RULES:
+        if marker in name:
+            return mode, marker
+    return AUTHORS_DEFAULT_MODE, None
+
+
 def authors_conv_mode(model_name: str) -> str:
     """The authors' choice of conversation mode from the checkpoint name (`llava/eval/run_llava.py`)."""
-    name = model_name.lower()
-    if "llama-2" in name:
-        return "llava_llama_2"
-    if "mistral" in name:
-        return "mistral_instruct"
-    if "v1.6-34b" in name:
-        return "chatml_direct"
-    if "v1" in name:
-        return "llava_v1"
-    if "mpt" in name:
-        return "mpt"
-    return "llava_v0"
+    return authors_name_rule(model_name)[0]

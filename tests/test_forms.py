@@ -29,7 +29,9 @@ from llava_convert.errors import LlavaConvertError
 from llava_convert.forms import Composite, authors_name, authors_non_lora_keys, detect_form
 from llava_convert.readers import read_safetensors
 
-LORA_HINT = "LoRA adapter: pass --base <the base LLM>, e.g. lmsys/vicuna-7b-v1.5 as recorded in adapter_config.json"
+LORA_HINT = (
+    "LoRA adapter: pass --base lmsys/vicuna-7b-v1.5 (the base LLM the authors' MODEL_ZOO pairs with it)"
+)
 
 
 def run(*args):
@@ -309,8 +311,8 @@ def test_inspect_names_form_and_what_it_needs(tmp_path):
 
     proj = write_projector(tmp_path)
     r = run("inspect", proj)
-    assert "projector-only checkpoint (pretrain stage): pass --base <the base LLM>, e.g. lmsys/vicuna-7b-v1.5 " \
-           "as recorded in config.json" in r.output
+    assert "projector-only checkpoint (pretrain stage): pass --base lmsys/vicuna-7b-v1.5 (the base LLM the " \
+           "authors' MODEL_ZOO pairs with it)" in r.output
     base = write_base(tmp_path)
     delta = write_delta(tmp_path, _base_state(base), name="llava-tiny-delta-v1")
     r = run("inspect", delta)
@@ -331,7 +333,7 @@ def test_missing_base(tmp_path, form):
         src, hint = write_lora(tmp_path), LORA_HINT
     elif form == "projector":
         src = write_projector(tmp_path)
-        hint = "projector-only checkpoint (pretrain stage): pass --base <the base LLM>, e.g. lmsys/vicuna-7b-v1.5"
+        hint = "projector-only checkpoint (pretrain stage): pass --base lmsys/vicuna-7b-v1.5"
     else:
         src = write_original(tmp_path, "llava-13b-delta-v1-1")
         hint = "delta weights (target = base + delta): pass --base <the base LLM the delta was made from>"
@@ -342,6 +344,23 @@ def test_missing_base(tmp_path, form):
 def test_lora_without_recorded_base(tmp_path):
     lora = write_lora(tmp_path, base_model_name_or_path=None)
     assert _error(tmp_path, lora) == f"Error: {lora}: LoRA adapter: pass --base <the base LLM it was trained from>"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "hint"),
+    [
+        ("./checkpoints/vicuna-7b-v1-5", "pass --base lmsys/vicuna-7b-v1.5 (the base LLM the authors' MODEL_ZOO pairs"),
+        ("/data/llama-2-13b-chat", "pass --base meta-llama/Llama-2-13b-chat-hf (the base LLM the authors' MODEL_ZOO"),
+        ("someorg/some-llm", "pass --base someorg/some-llm (the Hub id its files record)"),
+        ("./checkpoints/my-llm", "pass --base <the base LLM it was trained from> (its files record 'my-llm' at a path "
+                                 "of the machine it was trained on)"),
+    ],
+)
+def test_base_hint_never_suggests_the_training_machine_s_path(tmp_path, recorded, hint):
+    lora = write_lora(tmp_path, base_model_name_or_path=recorded)
+    msg = _error(tmp_path, lora)
+    assert hint in msg
+    assert "./checkpoints" not in msg and "/data/" not in msg
 
 
 def test_missing_non_lora_trainables(tmp_path):
