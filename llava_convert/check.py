@@ -1078,9 +1078,9 @@ def check(
     never resident together.
 
     Args:
-        original: the original checkpoint directory.
+        original: the original checkpoint: a directory or a Hub repo id (fetched, or read from the HF cache).
         converted: the converted (optionally bitsandbytes-quantized) directory.
-        vision_tower: local CLIP directory for the original (default: its config's `mm_vision_tower`).
+        vision_tower: CLIP directory or Hub repo id for the original (default: its config's `mm_vision_tower`).
         images: image files or PIL images; default: one built-in, deterministic, non-square test image.
         prompt: the question asked about each image.
         dtype: compute dtype on both sides, "float32" or "bfloat16".
@@ -1145,6 +1145,9 @@ def _check(
         raise LlavaConvertError(f"--max-new-tokens {max_new_tokens}: must not be negative")
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     # Validate both sides before running anything.
+    from .hub import locate
+
+    original = locate(original, role="SOURCE").path  # a directory, or a Hub repo id (its cached snapshot)
     conv_config = read_converted_config(converted)
     processor = load_processor(converted)
     quant = quantization_type(conv_config)

@@ -16,7 +16,7 @@ _PATH = click.Path(path_type=Path)
 @click.argument("original", type=_PATH)
 @click.argument("converted", type=_PATH)
 @click.option(
-    "--vision-tower", type=_PATH, help="Local CLIP directory for ORIGINAL (default: its mm_vision_tower)."
+    "--vision-tower", type=_PATH, help="CLIP directory or Hub repo id for ORIGINAL (default: its mm_vision_tower)."
 )
 @click.option("--base", default=None, help="Base LLM for a LoRA / projector-only / delta ORIGINAL (path or Hub id).")
 @click.option("--delta/--no-delta", default=None, help="ORIGINAL is delta weights (default: by its name).")
