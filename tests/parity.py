@@ -22,7 +22,7 @@ def parity_report(hf_dir: Path, case_dir: Path) -> dict[str, dict]:
     """Per image: prompt, prompt ids, pixel values, logits and greedy generation against the authors'."""
     ref = torch.load(case_dir / "reference.pt", weights_only=True)
     processor, model = load_converted(hf_dir)
-    images = test_images()
+    images = test_images(ref["image_names"])
     image_id = model.config.image_token_index
     report = {}
     for name in ref["image_names"]:

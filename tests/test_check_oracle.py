@@ -20,7 +20,7 @@ from llava_convert.reference import ReferenceModel
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 
-CASES = ["v15", "llama2", "v15_stray", "v16_mistral", "v16_vicuna", "v16_34b"]
+CASES = ["v15", "llama2", "v15_stray", "v16_mistral", "v16_vicuna", "v16_34b", "v16_anyres_336"]
 ATOL = 1e-4
 
 
@@ -45,7 +45,7 @@ def test_reference_matches_authors(oracle_case, case):
     prompt = ref.prompt(ref_out["question"])
     assert prompt == ref_out["prompt"]
     ids = ref.input_ids(prompt)
-    images = test_images()
+    images = test_images(ref_out["image_names"])
     worst = 0.0
     for name in ref_out["image_names"]:
         r = ref_out["images"][name]
@@ -76,7 +76,7 @@ def test_good_conversion_passes(oracle_case, tmp_path, case):
     case_dir = oracle_case(case)
     out = tmp_path / "hf"
     convert(_checkpoint(case_dir), out, dtype="float32", progress=False)
-    images = test_images()
+    images = test_images(torch.load(case_dir / "reference.pt", weights_only=True)["image_names"])
     report = check(_checkpoint(case_dir), out, images=list(images.values()))
     assert report.passed, report.summary()
     f = report.figures()

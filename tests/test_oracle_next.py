@@ -33,10 +33,43 @@ def test_next_matches_authors(oracle_case, tmp_path, case, template):
     assert cfg["model_type"] == "llava_next"
     # The authors read each pair as (width, height), transformers as (height, width): written swapped, in order.
     assert cfg["image_grid_pinpoints"] == [[56, 28], [28, 56], [56, 56], [84, 28], [28, 84]]
-    assert json.loads((out / "preprocessor_config.json").read_text())["image_grid_pinpoints"] == cfg["image_grid_pinpoints"]
+    assert _image_processor_config(out)["image_grid_pinpoints"] == cfg["image_grid_pinpoints"]
     report = assert_parity(out, case_dir)
     # The three aspect ratios pick three different grids.
     assert len({r["num_image_tokens"] for r in report.values()}) == 3
+
+
+def test_next_grid_matches_authors_for_every_image_size(oracle_case, tmp_path):
+    """The released 336-pixel geometry and pinpoints: images no larger than the tower (ties between grids),
+    the tower's size and larger ones get the authors' grid, pixels, logits and greedy tokens."""
+    from images import ANYRES_336
+
+    case_dir = oracle_case("v16_anyres_336")
+    ref = torch.load(case_dir / "reference.pt", weights_only=True)
+    assert ref["image_names"] == list(ANYRES_336)
+    out = tmp_path / "hf"
+    convert(_checkpoint(case_dir), out, dtype="float32", progress=False)
+    report = assert_parity(out, case_dir)
+    for name, r in report.items():
+        print(f"v16_anyres_336 {name}: {r['num_image_tokens']} image tokens, pixels max diff "
+              f"{r['pixel_max_diff']}, logits max diff {r['logits_max_diff']:.2e}, generated {r['generated']}")
+    # 300x180 upscales equally into 1x2 and 2x1 tiles; the first candidate wins: the authors' (336 wide, 672
+    # tall). The converted pinpoints make transformers pick the same; copied as written it picks the other.
+    from transformers.image_processing_utils import select_best_resolution
+
+    authors = json.loads((_checkpoint(case_dir) / "config.json").read_text())["image_grid_pinpoints"]
+    converted = json.loads((out / "config.json").read_text())["image_grid_pinpoints"]
+    assert select_best_resolution((180, 300), converted) == (672, 336)  # (height, width)
+    assert select_best_resolution((180, 300), authors) == (336, 672)
+    assert _image_processor_config(out)["image_grid_pinpoints"] == converted
+    assert ref["images"]["large_1000x600"]["pixel_values"].shape[1] == 5  # 2x2 tiles + the base image
+
+
+def _image_processor_config(out):
+    """The image processor's saved settings (preprocessor_config.json, or nested in processor_config.json)."""
+    if (out / "preprocessor_config.json").is_file():
+        return json.loads((out / "preprocessor_config.json").read_text())
+    return json.loads((out / "processor_config.json").read_text())["image_processor"]
 
 
 def test_next_uses_checkpoint_tower_not_stock_clip(oracle_case, tmp_path):

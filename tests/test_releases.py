@@ -99,7 +99,10 @@ def test_v16_pinpoints_are_written_as_transformers_reads_them(tmp_path):
     convert(V16_VICUNA, out, progress=False)
     want = [[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]]  # (height, width), the authors' order
     assert json.loads((out / "config.json").read_text())["image_grid_pinpoints"] == want
-    assert json.loads((out / "processor_config.json").read_text())["image_processor"]["image_grid_pinpoints"] == want
+    pre = out / "preprocessor_config.json"
+    saved = json.loads(pre.read_text()) if pre.is_file() else json.loads((out / "processor_config.json").read_text())[
+        "image_processor"]
+    assert saved["image_grid_pinpoints"] == want
 
 
 def test_inspect_reads_the_released_tower(hub_cache):

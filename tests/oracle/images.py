@@ -13,6 +13,12 @@ Sizes are chosen so that with the oracle's anyres pinpoints (multiples of a 28-p
 
 and in the ``pad`` / ``square`` (shortest-edge resize + centre crop) paths the non-square ones are
 padded or cropped, so a wrong preprocessing rule changes the pixels.
+
+``ANYRES_336`` are for a case with the released 336-pixel tower and pinpoints. An image no larger than the
+tower on both sides upscales equally into several candidate grids, and the first listed wins: the authors,
+reading each pinpoint as (width, height), give 300x180 and 180x300 one tile wide and two tall, where
+transformers, reading (height, width), would pick two wide and one tall. ``square_336`` is exactly the
+tower's size, ``icon_64x40`` far below it, and ``large_1000x600`` larger than every candidate (no tie).
 """
 
 from __future__ import annotations
@@ -27,6 +33,16 @@ SIZES: dict[str, tuple[int, int]] = {  # name -> (width, height), PIL convention
 }
 
 _SEEDS = {"landscape": 1234, "portrait": 5678, "square": 9012}
+
+ANYRES_336: dict[str, tuple[int, int]] = {
+    "wide_300x180": (300, 180),
+    "tall_180x300": (180, 300),
+    "square_336": (336, 336),
+    "large_1000x600": (1000, 600),
+    "icon_64x40": (64, 40),
+}
+_SEEDS.update({name: 3100 + i for i, name in enumerate(ANYRES_336)})
+_ALL = {**SIZES, **ANYRES_336}
 
 
 def _make(width: int, height: int, seed: int) -> Image.Image:
@@ -63,9 +79,10 @@ def _make(width: int, height: int, seed: int) -> Image.Image:
     return img
 
 
-def test_images() -> dict[str, Image.Image]:
-    """Name -> fresh RGB PIL image (landscape, portrait, square). Deterministic."""
-    return {name: _make(w, h, _SEEDS[name]) for name, (w, h) in SIZES.items()}
+def test_images(names=None) -> dict[str, Image.Image]:
+    """Name -> fresh RGB PIL image (default: landscape, portrait, square; NAMES picks any). Deterministic."""
+    names = list(SIZES) if names is None else list(names)
+    return {name: _make(*_ALL[name], _SEEDS[name]) for name in names}
 
 
 # Keep pytest from collecting the helper above as a test when this module is imported by tests.

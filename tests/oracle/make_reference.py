@@ -51,7 +51,7 @@ warnings.filterwarnings("ignore")
 import llava  # noqa: E402,F401
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from images import test_images  # noqa: E402
+from images import ANYRES_336, test_images  # noqa: E402
 from llava.constants import (  # noqa: E402
     DEFAULT_IM_END_TOKEN,
     DEFAULT_IM_START_TOKEN,
@@ -235,6 +235,36 @@ CASES: dict[str, dict] = {
         shard="150KB",
         model_type=None,
         keep_keys=None,
+    ),
+    # LLaVA-NeXT with the released geometry: a 336-pixel tower (patch 28 keeps it small) and the released
+    # pinpoints, on images no larger than the tower (ties between grids), the tower's size and larger.
+    "v16_anyres_336": dict(
+        seed=100,
+        dir_name="llava-v1.6-vicuna-336-tiny",
+        arch="llama",
+        lm=dict(pad_token_id=0, max_position_embeddings=4096),
+        tower=dict(image_size=336, patch_size=28),
+        mm=dict(
+            mm_projector_type="mlp2x_gelu",
+            image_aspect_ratio="anyres",
+            image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+            mm_patch_merge_type="spatial_unpad",
+            image_crop_resolution=224,
+            image_split_resolution=224,
+            mm_vision_tower_lr=2e-06,
+            mm_resampler_type=None,
+            freeze_mm_vision_resampler=False,
+            tune_mm_vision_resampler=False,
+            unfreeze_mm_vision_tower=True,
+            tokenizer_model_max_length=4096,
+        ),
+        unfreeze=True,
+        stray_tower=False,
+        safe=True,
+        shard="150KB",
+        model_type=None,
+        keep_keys=None,
+        images=list(ANYRES_336),
     ),
     # A self-trained LLaVA-1.5 (current training code, DeepSpeed-style save): carries stray
     # model.vision_tower.vision_tower.vision_model.* keys (perturbed values) although the tower was
@@ -864,7 +894,7 @@ def make_reference(case: str, ckpt_dir: Path, *, model_base: Path | None = None,
     image_pos = int((input_ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
 
     per_image: dict[str, dict] = {}
-    for img_name, image in test_images().items():
+    for img_name, image in test_images(CASES[case].get("images")).items():
         image_sizes = [image.size]
         pixel_values = process_images([image], image_processor, model.config)
         assert isinstance(pixel_values, torch.Tensor)
