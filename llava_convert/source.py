@@ -212,4 +212,7 @@ def find_vision_tower(ckpt: OriginalCheckpoint, override: Path | str | None) -> 
                 f"or make it available from the Hub ({str(e).split(': ', 1)[-1]})"
             ) from None
         return open_vision_tower(found.path, need_weights=need_weights)
+    base = Path(str(name)).name if name else ""
+    if base.startswith("clip-vit-"):  # a path on the machine it was trained on, to one of the openai towers
+        hint += f", e.g. --vision-tower openai/{base} (the tower that path names, on the Hub)"
     raise LlavaConvertError(f"{ckpt.path / 'config.json'}: vision tower {name!r} is not a local directory; {hint}")

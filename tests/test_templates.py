@@ -1,0 +1,49 @@
+"""Chat-template choice: every mode the authors' name rule can give has a template; the reasons given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from builders import write_original
+
+from llava_convert.convert import plan_conversion
+from llava_convert.hub import cached_repo_id
+from llava_convert.reference import CONV_TEMPLATES
+from llava_convert.templates import AUTHORS_DEFAULT_MODE, AUTHORS_NAME_RULES, TEMPLATES, authors_conv_mode
+
+
+def test_every_mode_the_authors_name_rule_gives_has_a_template():
+    modes = {mode for _, mode in AUTHORS_NAME_RULES} | {AUTHORS_DEFAULT_MODE}
+    assert modes <= set(TEMPLATES) and modes <= set(CONV_TEMPLATES)
+    assert authors_conv_mode("LLaVA-Lightning-MPT-7B-preview") == "mpt"
+
+
+def test_cached_repo_id_reads_the_cache_layout(tmp_path):
+    snap = tmp_path / "hub" / "models--liuhaotian--llava-v1.5-7b" / "snapshots" / "4481d27"
+    snap.mkdir(parents=True)
+    assert cached_repo_id(snap) == "liuhaotian/llava-v1.5-7b"
+    assert cached_repo_id(tmp_path / "hub") is None
+    link = tmp_path / "link"
+    link.symlink_to(snap)
+    assert cached_repo_id(link) == "liuhaotian/llava-v1.5-7b"
+
+
+def test_folder_name_with_a_marker_but_not_a_release_warns(tmp_path):
+    """A linear-projector Llama checkpoint: the config does not decide; 'v1' in a made-up name does, with a warning."""
+    ckpt = write_original(tmp_path, "my-v1-finetune", projector="linear")
+    plan = plan_conversion(ckpt, vision_tower=tmp_path / "clip")
+    assert plan.chat_template == "llava_v1"
+    assert plan.chat_template_reason == "from the folder name 'my-v1-finetune' ('v1' in it, the authors' run_llava.py rule)"
+    assert len(plan.warnings) == 1 and "does not name a LLaVA release" in plan.warnings[0]
+
+
+def test_vision_tower_path_from_the_training_machine_suggests_the_hub_id(tmp_path):
+    from llava_convert.errors import LlavaConvertError
+
+    ckpt = write_original(tmp_path, "llava-v1.5-tiny")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["mm_vision_tower"] = "./checkpoints/clip-vit-large-patch14-336"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LlavaConvertError, match=r"e\.g\. --vision-tower openai/clip-vit-large-patch14-336 "):
+        plan_conversion(ckpt)
