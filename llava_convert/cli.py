@@ -128,10 +128,10 @@ def convert(source, output, base, revision, delta, vision_tower, quantize, doubl
     if not dry_run:
         execute(plan, output, force=force, progress=not quiet)
     _echo_warnings(plan)
-    click.echo(f"Chat template {plan.chat_template}: {plan.chat_template_reason}", err=True)
-    if dry_run:
+    if dry_run:  # the plan says which chat template and why (--json: chat_template_reason)
         _print_plan(plan, as_json)
         return
+    click.echo(f"Chat template {plan.chat_template}: {plan.chat_template_reason}", err=True)
     s = plan.summary()
     quant = f", {quantize} quantized" if quantize else ""
     click.echo(
