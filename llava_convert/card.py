@@ -147,6 +147,7 @@ def convert_facts(plan, output: Path, command: str | None) -> dict[str, Any]:
         "llava_convert": __version__,
         "command": command or default_command(plan, output),
         "name": output.name,
+        "output": str(output),
         "source": source,
         "base": describe_dir(Path(base), [p for p in src.weight_files if Path(p).parent == Path(base)])
         if base is not None
@@ -180,6 +181,7 @@ def quantize_facts(source: Path, output: Path, config: dict[str, Any], spec, com
         "llava_convert": __version__,
         "command": command or f"llava-convert quantize {source} {output} --quantize {spec.quant_type}",
         "name": output.name,
+        "output": str(output),
         "source": desc,
         "converted_from": previous["source"] if previous else None,
         "base": None,
@@ -484,7 +486,7 @@ def render(directory: Path, facts: dict[str, Any], *, repo_id: str | None = None
     q = facts.get("quantization")
     src = facts.get("source") or {}
     name = repo_id.split("/")[-1] if repo_id else facts.get("name") or directory.name
-    model_id = repo_id or "path/to/" + (facts.get("name") or directory.name)
+    model_id = repo_id or facts.get("output") or str(directory)
     arch = facts.get("architecture", "?")
     quant = f", {q['type']} ({q['bits']}-bit bitsandbytes)" if q else ""
     lines = ["---", _yaml(metadata(facts)), "---", "", MARKER, "", f"# {name}", ""]
