@@ -252,8 +252,8 @@ def push(
         create_pr: open a pull request instead of committing to the branch.
         commit_message: the commit's title.
         token: a Hub token; default: HF_TOKEN, then the saved login. Never printed or written.
-        progress: progress bars (hashing and uploading, by bytes) on stderr.
-        log: a function taking one line of progress text (default: stderr).
+        progress: what is uploaded, and progress bars by bytes (comparing, uploading), on stderr.
+        log: a function taking one line of progress text or warning (default: stderr).
 
     Returns:
         A `PushResult` (files uploaded / unchanged / deleted, commit id, PR url).
@@ -345,7 +345,7 @@ def push(
     if not additions and not result.deleted:
         return result
 
-    say(
+    (say if progress else (lambda msg: None))(
         f"Uploading {len(additions)} file(s), {_size(result.uploaded_bytes)}, to {repo_id} "
         f"({'pull request against ' if create_pr else ''}{target}); {len(result.unchanged)} unchanged"
         + (f"; deleting {len(result.deleted)} stale file(s)" if result.deleted else "")

@@ -21,7 +21,8 @@ Endpoints (as huggingface_hub 1.x / 2.x calls them; `{repo}` is `namespace/name`
 Xet is never announced (no X-Xet-* headers, LFS transfers only); clients upload with `HF_HUB_DISABLE_XET=1`.
 Tokens are `Bearer` strings mapped to a user, its organisations and a role (`write` / `read`); writes need `write`
 on the namespace (403 otherwise), unknown tokens get 401. A commit is applied all at once or not at all.
-Faults for tests: `drop_uploads = N` makes the next N LFS uploads lose their connection half-way through the body.
+Faults for tests: `drop_uploads = N` makes the next N LFS uploads lose their connection half-way through the body,
+`drop_oids[oid] = N` the next N uploads of one object.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class HubState:
         self.requests: list[tuple[str, str]] = []
         self.lfs_uploads: list[str] = []  # oids of completed LFS uploads, in order
         self.drop_uploads = 0
+        self.drop_oids: dict[str, int] = {}  # per object: how many uploads of it to drop
         self.dropped = 0
         self._counter = 0
 
@@ -422,9 +424,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _lfs_upload(self, oid: str, q: dict) -> None:
         with self.hub.lock:
-            drop = self.hub.drop_uploads > 0
+            drop = self.hub.drop_uploads > 0 or self.hub.drop_oids.get(oid, 0) > 0
             if drop:
-                self.hub.drop_uploads -= 1
+                if self.hub.drop_oids.get(oid, 0) > 0:
+                    self.hub.drop_oids[oid] -= 1
+                else:
+                    self.hub.drop_uploads -= 1
                 self.hub.dropped += 1
         if drop:  # the connection dies half-way through the body, as a network failure would
             n = int(self.headers.get("Content-Length") or 0)
