@@ -92,9 +92,11 @@ def test_rendered_prompt_is_what_the_processor_gives(example_conversion):
     assert (example_conversion / "chat_template.jinja").read_text().strip() in text
 
 
-def test_usage_snippet_runs_as_written(example_conversion):
-    code = _snippet((example_conversion / "README.md").read_text())
-    assert f'model_id = "{example_conversion}"' in code
+@pytest.mark.parametrize("which", ["example_conversion", "nf4_conversion"])
+def test_usage_snippet_runs_as_written(request, which):
+    conversion = request.getfixturevalue(which)
+    code = _snippet((conversion / "README.md").read_text())
+    assert f'model_id = "{conversion}"' in code
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
