@@ -56,6 +56,31 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def in_background(fn, *args):
+    """Run FN(*ARGS) on a daemon thread (a failed conversion exits without waiting for it); returns a function
+    that waits for the result and re-raises its exception."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="llava-convert-hash", daemon=True)
+    t.start()
+
+    def result():
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return result
+
+
 def hub_origin(path: Path | str) -> tuple[str, str] | None:
     """`(repo_id, commit)` when PATH lies in a Hugging Face cache snapshot, else None."""
     m = _HF_CACHE.search(Path(path).as_posix())

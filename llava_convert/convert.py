@@ -240,11 +240,14 @@ def execute(
     """Write a planned conversion to OUTPUT atomically, with its model card (`command`: recorded in it)."""
     from tqdm import tqdm
 
-    from .card import convert_facts, write_card
+    from .card import convert_facts, in_background, write_card
 
     output = Path(output)
     total = plan.index["metadata"]["total_size"]
     ctx = {"vocab": plan.vocab}
+    # The card's facts include the sha256 of every source file: hashed on a side thread while the shards are
+    # written (the kernel copies most bytes, so the reads overlap instead of adding up).
+    facts = in_background(convert_facts, plan, output, command)
     with staged_output(output, force=force) as staging:
         # Tokenizer and processor first: they fail fast on a bad tokenizer, before gigabytes are written.
         write_metadata(plan, staging)
@@ -257,7 +260,7 @@ def execute(
         shards = {e.shard for e in plan.entries}
         if len(shards) > 1:
             (staging / "model.safetensors.index.json").write_text(json.dumps(plan.index, indent=2) + "\n")
-        write_card(staging, convert_facts(plan, output, command))
+        write_card(staging, facts())
     return output
 
 
