@@ -190,6 +190,8 @@ def _hub_error(e: Exception, repo_id: str, what: str) -> LlavaConvertError:
         )
     if isinstance(e, RepositoryNotFoundError) or status == 404:
         return LlavaConvertError(f"Cannot push to {repo_id}: repo not found or not visible to this token ({what})")
+    if isinstance(e, ValueError) and not isinstance(e, HfHubHTTPError):  # e.g. the Hub's README.md metadata check
+        return LlavaConvertError(f"Cannot push to {repo_id}: {' '.join(str(e).split())}")
     if isinstance(e, HfHubHTTPError) and status is not None and 400 <= status < 500:
         msg = getattr(e, "server_message", None) or str(e).splitlines()[0]
         return LlavaConvertError(f"Cannot push to {repo_id}: the Hub refused {what} ({status}: {msg})")

@@ -237,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
             with self.hub.lock if method != "PUT" else _nolock():
                 self._route(method, parts, query)
         except _HTTPError as e:
-            headers = {"X-Error-Message": e.message, **e.headers}
+            headers = {"X-Error-Message": " ".join(e.message.split()), **e.headers}
             if e.code:
                 headers["X-Error-Code"] = e.code
             self._send(e.status, {"error": e.message, **e.extra}, headers, head=method == "HEAD")
@@ -322,9 +322,11 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 meta = yaml.safe_load(content.split("---", 2)[1])
             except yaml.YAMLError as e:
-                raise _HTTPError(400, f"Invalid YAML: {e}") from None
+                msg = f"Invalid YAML: {' '.join(str(e).split())}"
+                raise _HTTPError(400, msg, extra={"errors": [{"message": msg}]}) from None
             if meta is not None and not isinstance(meta, dict):
-                raise _HTTPError(400, "YAML metadata must be a mapping")
+                msg = "YAML metadata must be a mapping"
+                raise _HTTPError(400, msg, extra={"errors": [{"message": msg}]})
         self._send(200, {"errors": [], "warnings": []})
 
     def _info(self, repo_id: str, rev: str) -> None:

@@ -164,6 +164,19 @@ def test_rejected_tokens_exit_2_with_nothing_committed(hub, out, tmp_path):
     assert "alice/bobs-idea" not in hub.state.repos
 
 
+def test_users_own_card_is_published_as_is_and_checked_by_the_hub(hub, out, tmp_path):
+    mine = "---\nlicense: mit\ntags: [mine]\n---\n\n# Hand-written card\n"
+    (out / "README.md").write_text(mine)
+    r = cli(hub, tmp_path, "push", out, "alice/own-card", "--token", WRITE, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert hub.state.files("alice/own-card")["README.md"].decode() == mine
+    (out / "README.md").write_text("---\nlicense: [unclosed\n---\n")
+    r = cli(hub, tmp_path, "push", out, "alice/own-card", "--token", WRITE, "--quiet")
+    assert r.returncode == 2
+    assert "Invalid metadata in README.md" in error_line(r)
+    assert hub.state.files("alice/own-card")["README.md"].decode() == mine
+
+
 def test_token_from_environment_or_none(hub, out, tmp_path):
     r = cli(hub, tmp_path, "push", out, "alice/from-env", "--quiet")
     assert r.returncode == 2
