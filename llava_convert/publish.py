@@ -217,6 +217,10 @@ def preflight(repo_id: str, token: str | None):
 
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id):
         raise LlavaConvertError(f"Cannot push to {repo_id!r}: expected a repo id of the form namespace/name")
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise LlavaConvertError(f"Cannot push to {repo_id}: HF_HUB_OFFLINE is set; publishing needs the Hub")
     token = resolve_token(token)
     api = HfApi(token=token, library_name="llava-convert", library_version=__version__)
     try:

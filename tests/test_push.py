@@ -214,6 +214,13 @@ def test_incomplete_conversion_is_refused(example_conversion, tmp_path, damage):
     assert r.output.count("\n") == 1 and want in r.output, r.output
 
 
+def test_offline_mode_is_refused(example_conversion):
+    # conftest sets HF_HUB_OFFLINE=1 for this process, as CI does
+    r = CliRunner().invoke(main, ["push", str(example_conversion), "alice/x", "--token", WRITE])
+    assert r.exit_code == 2
+    assert r.output == "Error: Cannot push to alice/x: HF_HUB_OFFLINE is set; publishing needs the Hub\n"
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
     from llava_convert.convert import convert
