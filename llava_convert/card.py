@@ -102,7 +102,7 @@ def describe_dir(path: Path, files: list[Path] | None = None, *, repo_id: str | 
     read = {p.name: p for p in (files or []) if Path(p).parent == path}
     if path.is_dir():
         for p in sorted(path.iterdir()):
-            if p.is_file() and p.suffix in _READ_SUFFIXES:
+            if p.is_file() and p.suffix in _READ_SUFFIXES and p.name != REPORT_NAME:
                 read.setdefault(p.name, p)
     out: dict[str, Any] = {
         "repo_id": repo_id or (origin[0] if origin else None),
@@ -564,7 +564,8 @@ def render(directory: Path, facts: dict[str, Any], *, repo_id: str | None = None
         lines += ["This checkpoint has no chat template.", ""]
 
     lines += ["## Provenance", ""]
-    lines += [f"- Original: {_origin_line(src)}" + (f" ({src['form']})" if src.get("form") else "")]
+    label = "Source" if facts.get("kind") == "quantize" else "Original"
+    lines += [f"- {label}: {_origin_line(src)}" + (f" ({src['form']})" if src.get("form") else "")]
     if facts.get("converted_from"):
         lines += [f"- Converted from: {_origin_line(facts['converted_from'])}"]
     if facts.get("base"):
