@@ -114,6 +114,15 @@ def test_first_push_creates_the_repo_with_the_files_and_card_then_uploads_only_c
     assert c.message == "longer answers" and c.parent == commit
     assert hub.state.files("alice/tiny")["generation_config.json"] == (out / "generation_config.json").read_bytes()
 
+    # Weights of the same size but other content (compared by sha256): uploaded again, as one new LFS object.
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    r = cli(hub, tmp_path, "push", out, "alice/tiny", "--token", WRITE, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert hub.state.lfs_uploads[uploads:] == [hashlib.sha256(data).hexdigest()]
+    assert hub.state.files("alice/tiny")["model.safetensors"] == bytes(data)
+
 
 def test_private_branch_and_pull_request(hub, out, tmp_path):
     r = cli(hub, tmp_path, "push", out, "team/priv", "--private", "--token", WRITE)
