@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_push import command_line, hub_options, run_push
 
 _PATH = click.Path(path_type=Path)
 
@@ -109,10 +110,25 @@ def source_options(f):
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--check", "run_check", is_flag=True,
+              help="Then run `check` against SOURCE, save its report in OUTPUT (the card shows it); "
+                   "with --push-to-hub, push only when it passes.")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID",
+              help="Then publish OUTPUT to this Hub repo (as `llava-convert push`).")
+@hub_options("--push-revision")
 def convert(source, output, base, revision, delta, vision_tower, quantize, double_quant, blocksize, compute_dtype,
-            skip_modules, device, dtype, max_shard_size, chat_template, dry_run, force, as_json, quiet):
+            skip_modules, device, dtype, max_shard_size, chat_template, dry_run, force, as_json, quiet,
+            run_check, push_to_hub, private, push_revision, create_pr, commit_message, token):
     """Convert the original checkpoint SOURCE (a directory or Hub repo id: full checkpoint, LoRA adapter,
     projector-only or delta weights, the last three with --base) into a Hugging Face directory OUTPUT."""
+    if push_to_hub and dry_run:
+        from .errors import LlavaConvertError
+
+        raise LlavaConvertError("--push-to-hub cannot be combined with --dry-run (nothing is written to push)")
+    if push_to_hub:  # a missing or rejected token is found before minutes of conversion, not after
+        from .publish import preflight
+
+        preflight(push_to_hub, token)
     # Importing torch and transformers makes ~10^6 long-lived objects that the cyclic GC would rescan
     # again and again (~1 s of a small conversion); collect once they exist, then freeze them.
     gc.disable()
@@ -126,7 +142,7 @@ def convert(source, output, base, revision, delta, vision_tower, quantize, doubl
     gc.freeze()
     gc.enable()
     if not dry_run:
-        execute(plan, output, force=force, progress=not quiet)
+        execute(plan, output, force=force, progress=not quiet, command=command_line())
     _echo_warnings(plan)
     if dry_run:  # the plan says which chat template and why (--json: chat_template_reason)
         _print_plan(plan, as_json)
@@ -138,6 +154,14 @@ def convert(source, output, base, revision, delta, vision_tower, quantize, doubl
         f"Wrote {output}: {s['target']}, {len(s['tensors'])} tensors, {s['total_bytes'] / 1e9:.2f} GB "
         f"in {len(s['shards'])} shard(s), {s['dtype']}{quant}, chat template {s['chat_template']}"
     )
+    if run_check:
+        from .cli_check import check_and_save
+
+        src = f"{source}@{revision}" if revision and "@" not in str(source) else source
+        check_and_save(src, output, vision_tower=vision_tower, base=base, delta=delta, quiet=quiet)
+    if push_to_hub:
+        run_push(output, push_to_hub, private=private, push_revision=push_revision, create_pr=create_pr,
+                 commit_message=commit_message, token=token, quiet=quiet)
 
 
 @main.command()
@@ -155,7 +179,8 @@ def quantize(source, output, quant_type, double_quant, blocksize, compute_dtype,
     from .hf_quantize import quantize_checkpoint
 
     spec = _spec(quant_type, double_quant, blocksize, compute_dtype, skip_modules, device)
-    quantize_checkpoint(source, output, spec, max_shard_size=max_shard_size, force=force, progress=not quiet)
+    quantize_checkpoint(source, output, spec, max_shard_size=max_shard_size, force=force, progress=not quiet,
+                        command=command_line())
     click.echo(f"Wrote {output}: {quant_type} quantized (skipping {', '.join(spec.skip_modules) or 'nothing'})")
 
 
@@ -229,8 +254,10 @@ def inspect(source, base, revision, delta, vision_tower, as_json):
 
 
 from .cli_check import check  # noqa: E402  (light module: heavy imports happen inside the command)
+from .cli_push import push  # noqa: E402
 
 main.add_command(check)
+main.add_command(push)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

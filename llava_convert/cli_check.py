@@ -54,6 +54,10 @@ _PATH = click.Path(path_type=Path)
     "--max-new-tokens", type=int, default=8, show_default=True, help="Greedy tokens generated and compared."
 )
 @click.option("--low-memory", is_flag=True, help="Stream one decoder layer at a time (7B/13B in 24 GB).")
+@click.option(
+    "--save-report", is_flag=True,
+    help="Also write the report into CONVERTED as check-report.json; the model card shows its figures.",
+)
 @click.option("--quiet", is_flag=True, help="No progress messages on stderr.")
 def check(
     original,
@@ -69,6 +73,7 @@ def check(
     min_top1,
     max_new_tokens,
     low_memory,
+    save_report,
     quiet,
 ):
     """Compare ORIGINAL (authors' format, run as the authors' code runs it) with CONVERTED (Hugging Face).
@@ -102,5 +107,29 @@ def check(
             report.write_json(json_path)
         except OSError as e:
             raise LlavaConvertError(f"Cannot write the report to {json_path}: {e.strerror}") from None
+    if save_report:
+        save(report, converted)
+    click.echo(report.summary())
+    report.raise_for_verdict()
+
+
+def save(report, converted: Path) -> None:
+    """The report into CONVERTED (check-report.json), and the tool's model card there rendered again with it."""
+    from .card import REPORT_NAME, refresh_card
+    from .errors import LlavaConvertError
+
+    try:
+        report.write_json(Path(converted) / REPORT_NAME)
+    except OSError as e:
+        raise LlavaConvertError(f"Cannot write the report to {Path(converted) / REPORT_NAME}: {e.strerror}") from None
+    refresh_card(converted)
+
+
+def check_and_save(original, converted: Path, *, vision_tower, base, delta, quiet: bool) -> None:
+    """`convert --check`: the default check, its report saved into CONVERTED; raises CheckFailed (exit 1)."""
+    from .check import check as run
+
+    report = run(original, converted, vision_tower=vision_tower, base=base, delta=delta, progress=not quiet)
+    save(report, converted)
     click.echo(report.summary())
     report.raise_for_verdict()

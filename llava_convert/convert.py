@@ -230,13 +230,20 @@ def write_metadata(plan: Plan, out: Path) -> None:
         processor.save_pretrained(str(out))
 
 
-def execute(plan: Plan, output: Path, *, force: bool = False, progress: bool = True) -> Path:
-    """Write a planned conversion to OUTPUT atomically."""
+def execute(
+    plan: Plan, output: Path, *, force: bool = False, progress: bool = True, command: str | None = None
+) -> Path:
+    """Write a planned conversion to OUTPUT atomically, with its model card (`command`: recorded in it)."""
     from tqdm import tqdm
+
+    from .card import convert_facts, in_background, write_card
 
     output = Path(output)
     total = plan.index["metadata"]["total_size"]
     ctx = {"vocab": plan.vocab}
+    # The card's facts include the sha256 of every source file: hashed on a side thread while the shards are
+    # written (the kernel copies most bytes, so the reads overlap instead of adding up).
+    facts = in_background(convert_facts, plan, output, command)
     with staged_output(output, force=force) as staging:
         # Tokenizer and processor first: they fail fast on a bad tokenizer, before gigabytes are written.
         write_metadata(plan, staging)
@@ -249,6 +256,7 @@ def execute(plan: Plan, output: Path, *, force: bool = False, progress: bool = T
         shards = {e.shard for e in plan.entries}
         if len(shards) > 1:
             (staging / "model.safetensors.index.json").write_text(json.dumps(plan.index, indent=2) + "\n")
+        write_card(staging, facts())
     return output
 
 
@@ -267,6 +275,7 @@ def convert(
     dry_run: bool = False,
     force: bool = False,
     progress: bool = True,
+    command: str | None = None,
 ) -> Plan:
     """Convert an original LLaVA checkpoint directory to a Hugging Face directory.
 
@@ -286,6 +295,7 @@ def convert(
         dry_run: plan and validate only; write nothing.
         force: replace an existing OUTPUT.
         progress: show a progress bar on stderr.
+        command: the command line recorded in the model card (default: the equivalent `llava-convert convert`).
 
     Returns:
         The executed (or, with `dry_run`, only validated) `Plan`.
@@ -301,5 +311,5 @@ def convert(
         max_shard_size=max_shard_size, chat_template=chat_template, quantize=quantize,
     )
     if not dry_run:
-        execute(plan, Path(output), force=force, progress=progress)
+        execute(plan, Path(output), force=force, progress=progress, command=command)
     return plan

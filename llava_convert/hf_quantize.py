@@ -21,6 +21,7 @@ from .writer import assign_shards, staged_output, write_shards
 
 HF_MODEL_TYPES = ("llava", "llava_next")
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+_NOT_COPIED = ("README.md", "check-report.json")
 
 
 def plan_quantize(source: Path, spec: QuantSpec, *, max_shard_size: int | str = "5GB"):
@@ -63,6 +64,7 @@ def quantize_checkpoint(
     max_shard_size: int | str = "5GB",
     force: bool = False,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Quantize an HF-format llava checkpoint directory into OUTPUT (atomically).
 
@@ -73,6 +75,7 @@ def quantize_checkpoint(
         max_shard_size: largest shard.
         force: replace an existing OUTPUT.
         progress: progress bar on stderr.
+        command: the command line recorded in the model card.
 
     Returns:
         The written config (with `quantization_config`).
@@ -88,6 +91,8 @@ def quantize_checkpoint(
     config, entries, index = plan_quantize(source, spec, max_shard_size=max_shard_size)
     with staged_output(output, force=force) as staging:
         for p in source.iterdir():
+            if p.name in _NOT_COPIED:  # the source's card and check report describe the unquantized model
+                continue
             if p.is_file() and not p.name.endswith(_WEIGHT_FILES) and not p.name.endswith(".index.json"):
                 shutil.copy2(p, staging / p.name)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -97,4 +102,8 @@ def quantize_checkpoint(
         index["metadata"]["total_size"] = written
         if len({e.shard for e in entries}) > 1:
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        # The source's README describes the unquantized model: this directory gets its own card.
+        from .card import quantize_facts, write_card
+
+        write_card(staging, quantize_facts(source, output, config, spec, command))
     return config

@@ -31,6 +31,7 @@ CHECKPOINT_METADATA = (
     "adapter_model.bin",
     "non_lora_trainables.bin",
     "mm_projector.bin",
+    "README.md",  # its metadata's license goes into the conversion's model card
 )
 TOWER_METADATA = ("config.json", "preprocessor_config.json")
 

@@ -52,3 +52,17 @@ def oracle_case(oracle_root):
         return path
 
     return get
+
+
+EXAMPLE = REPO / "examples" / "llava-v1.5-tiny"
+EXAMPLE_TOWER = REPO / "examples" / "clip-tiny"
+
+
+@pytest.fixture(scope="session")
+def example_conversion(tmp_path_factory) -> Path:
+    """The bundled example converted once per session (float16, one shard), with its model card."""
+    from llava_convert.convert import convert
+
+    out = tmp_path_factory.mktemp("example") / "llava-v1.5-tiny-hf"
+    convert(EXAMPLE, out, vision_tower=EXAMPLE_TOWER, progress=False)
+    return out
