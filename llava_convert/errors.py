@@ -27,3 +27,15 @@ class CheckFailed(Exception):
     """A parity check ran and found disagreement. The CLI exits 1."""
 
     exit_code = 1
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM, SIGHUP, SIGINT) arrived. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` swallows it: staging directories are removed on the way out, and the CLI exits 128 + N."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

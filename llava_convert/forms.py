@@ -44,6 +44,7 @@ from .readers import (
     weight_files,
 )
 from .source import ADAPTER_CONFIG, PROJECTOR, OriginalCheckpoint, open_original, read_json
+from .validate import check_adapter_config
 
 NEEDS_BASE = ("lora", "projector", "delta")
 FORM_TITLES = {
@@ -358,9 +359,7 @@ def _check_adapter_config(acfg: dict[str, Any], path: Path) -> None:
     peft_type = acfg.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise LlavaConvertError(f"{path}: peft_type {peft_type!r}; only LoRA adapters can be merged")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(acfg.get(key), int | float) or acfg[key] <= 0:
-            raise LlavaConvertError(f"{path}: {key} must be a positive number, found {acfg.get(key)!r}")
+    check_adapter_config(acfg, path)  # r, lora_alpha finite and positive; patterns with a bounded match time
     if acfg.get("use_dora"):
         raise LlavaConvertError(f"{path}: use_dora is set; DoRA adapters are not supported (LoRA only)")
     if acfg.get("modules_to_save"):
