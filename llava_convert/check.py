@@ -389,7 +389,7 @@ def _load_images(images: Sequence[Path | str | Image.Image] | None) -> list[tupl
         path = Path(item)
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is lower
                 with Image.open(path) as im:
                     w, h = im.size
                     if w * h > MAX_IMAGE_PIXELS:
@@ -402,8 +402,11 @@ def _load_images(images: Sequence[Path | str | Image.Image] | None) -> list[tupl
             raise
         except FileNotFoundError:
             raise LlavaConvertError(f"{path}: image file not found") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise LlavaConvertError(f"{path}: image too large ({e})") from None
+        except Image.DecompressionBombError:
+            raise LlavaConvertError(
+                f"{path}: more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} M pixels; images are limited to "
+                f"{MAX_IMAGE_PIXELS / 1e6:.0f} M pixels"
+            ) from None
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError for corrupt files
             raise LlavaConvertError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
     return out

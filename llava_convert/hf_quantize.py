@@ -97,7 +97,8 @@ def quantize_checkpoint(
             if p.name in COPIED_FILES and p.is_file():
                 check_input_file(p)  # never a symlink out of SOURCE
                 (staging / p.name).write_bytes(p.read_bytes())
-                prov.add_file("config" if p.name == "config.json" else "metadata", p)
+                prov.add_file("metadata", p)
+        prov.add_file("config", source / "config.json")
         for path in sorted({e.sources[0].path for e in entries}):
             prov.add_file("weights", path, hash_it=False)
         prov.write(staging)

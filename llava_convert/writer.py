@@ -12,11 +12,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -209,7 +209,6 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 PROVENANCE_FILE = "provenance.json"
 _STAGING_SUFFIX_MAX = len(".partial-4194304") + 1  # "." + OUT's name + ".partial-PID" must fit a file name
 _NAME_MAX = 255
-log = logging.getLogger("llava_convert")
 
 
 @dataclass
@@ -260,7 +259,9 @@ def _real_candidates(path: Path) -> set[Path]:
         for e in entries:
             if e.is_symlink():
                 real = Path(e.path).resolve()
-                out |= {real, real.parent}
+                out.add(real)
+                if path.resolve().parent.name == "snapshots" and real.parent.name == "blobs":
+                    out.add(real.parent)  # a Hub cache repo's blobs/: every snapshot of it lives there
     return out
 
 
@@ -355,7 +356,7 @@ def _remove_stale(parent: Path, name: str) -> None:
     pattern = re.compile(rf"\.{re.escape(name)}\.(partial|old)-\d+")
     for p in parent.iterdir():
         if pattern.fullmatch(p.name):
-            log.warning("Removing %s, left by an interrupted run", p)
+            print(f"Warning: removing {p}, left by an interrupted run", file=sys.stderr)
             _remove(p)
 
 
@@ -493,6 +494,10 @@ def staged_output(
                 _commit(staging, output, force=force, shown=shown)
             if durable:
                 _fsync_dir(parent)
+        except OSError as e:  # disk full, quota, file too large, I/O error: one line naming OUTPUT
+            _remove(staging)
+            where = f" ({e.filename})" if e.filename else ""
+            raise LlavaConvertError(f"Cannot write to {shown}: {e.strerror or e}{where}") from None
         except BaseException:
             _remove(staging)
             raise
