@@ -126,6 +126,12 @@ def plan_conversion(
             f"{ckpt.path / 'config.json'}: vocab_size {cfg_vocab} disagrees with {EMBED_KEY} "
             f"{tuple(tensors[EMBED_KEY].shape)} in {tensors[EMBED_KEY].path.name}"
         )
+    # Every header, before the tokenizer is loaded and any config class is built: the cheap checks first.
+    if not ckpt.tower_in_checkpoint:
+        tower_tensors = read_checkpoint(tower.path, origin="vision_tower", files=tower.weight_files)
+        check_tower_against(ckpt.config, cfg_path, tower.config, tower.path, tower_tensors)
+    else:
+        check_tower_against(ckpt.config, cfg_path, tower.config, tower.path, tensors)
     vocab = plan_tokens(ckpt, rows)
     out_dtype = _output_dtype(tensors, dtype)
     config = llava_config(ckpt, tower, vocab)
@@ -139,11 +145,7 @@ def plan_conversion(
     problems: list[str] = []
     results: list[MapResult] = [map_tensors(tensors, load_table("llava.toml"), facts, problems)]
     if not ckpt.tower_in_checkpoint:
-        tower_tensors = read_checkpoint(tower.path, origin="vision_tower", files=tower.weight_files)
-        check_tower_against(ckpt.config, cfg_path, tower.config, tower.path, tower_tensors)
         results.append(map_tensors(tower_tensors, load_table("clip.toml"), facts, problems))
-    else:
-        check_tower_against(ckpt.config, cfg_path, tower.config, tower.path, tensors)
     raise_if(problems)
     for r in results:  # every target parameter is floating point: an integer tensor cannot be one
         for e in r.entries:

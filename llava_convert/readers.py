@@ -57,7 +57,7 @@ def dtype_size(dtype: torch.dtype) -> int:
 
 
 JSON_MAX_BYTES = 64 << 20  # configs, indexes, tokenizer settings: a few MB at most in any real release
-PICKLE_MAX_BYTES = 256 << 20  # a state dict's pickle holds names and shapes: ~100 bytes per tensor
+PICKLE_MAX_BYTES = 16 << 20  # a state dict's pickle holds names and shapes: ~150 bytes per tensor
 
 
 def _finite_float(text: str) -> float:
@@ -267,8 +267,13 @@ class _StorageRef:
     numel: int
 
 
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a torch state dict into `TensorRef`s. Only the classes a state dict needs are allowed."""
+class _StateDictUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickles a torch state dict into `TensorRef`s. Only the classes a state dict needs are allowed.
+
+    The pure-Python unpickler, not the C one: the C one sizes its memo table from the index a `LONG_BINPUT`
+    names, so a 4-byte index in a hostile pickle allocates and zeroes up to 32 GB. The pure-Python memo is a
+    dict; state-dict pickles are a few KB, so the speed difference does not show.
+    """
 
     def __init__(self, file, path: Path, storage_offsets: dict[str, int], origin: str):
         super().__init__(file)
