@@ -94,7 +94,9 @@ def _fail(ctx, debug: bool, message: str, code: int) -> None:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
-    click.echo(" ".join(message.split("\n")), err=True)
+    from .errors import one_line
+
+    click.echo(one_line(message), err=True)
     ctx.exit(code)
 
 

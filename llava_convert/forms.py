@@ -44,7 +44,7 @@ from .readers import (
     weight_files,
 )
 from .source import ADAPTER_CONFIG, PROJECTOR, OriginalCheckpoint, open_original, read_json
-from .validate import check_adapter_config
+from .validate import check_adapter_config, check_original_config
 
 NEEDS_BASE = ("lora", "projector", "delta")
 FORM_TITLES = {
@@ -260,6 +260,7 @@ def _check_base(ckpt: OriginalCheckpoint) -> None:
     """The base LLM's config must describe the same network as the checkpoint's (its vocab is checked on weights)."""
     base_cfg_path = ckpt.base / "config.json"
     base_cfg = read_json(base_cfg_path)
+    check_original_config(base_cfg, base_cfg_path)
     if "text_config" in base_cfg or "vision_config" in base_cfg:
         raise LlavaConvertError(
             f"--base {ckpt.base}: a Hugging Face multimodal checkpoint; pass the base language model "
