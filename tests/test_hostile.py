@@ -795,3 +795,18 @@ def test_signals_mid_write_clean_up_and_exit_128_plus_n(tmp_path):
         assert lines == [f"Interrupted ({sig.name})"], err
         assert sorted(os.listdir(d)) == ["marker"]
     assert snapshot(src) == before
+
+
+def test_permuted_lm_head_of_an_unquantized_model_gets_no_quantization_hint(tmp_path, converted):
+    """The example's float32 tower is stored as float16 (judged by KL, not atol): still not a quantized model."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "permuted"
+    shutil.copytree(converted, out)
+    sd = load_file(str(out / "model.safetensors"))
+    (key,) = [k for k in sd if k.endswith("lm_head.weight")]
+    sd[key] = sd[key].roll(1, dims=0).contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    r = run("check", EXAMPLE, out, "--vision-tower", TOWER, "--quiet")
+    assert r.exit_code == 1, r.output
+    assert "lm_head" in r.output and "quantiz" not in r.output.lower()
