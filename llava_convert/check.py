@@ -16,6 +16,7 @@ import hashlib
 import json
 import platform
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -68,6 +69,7 @@ class Thresholds:
     stage_nmse: float | None = None
     pixel_atol: float = 1e-5
     require_generation: bool = True
+    quantized: bool = False  # judged as a quantized checkpoint (its stage hints blame quantization error)
 
 
 FLOAT_THRESHOLDS: dict[str, Thresholds] = {
@@ -77,13 +79,13 @@ FLOAT_THRESHOLDS: dict[str, Thresholds] = {
 # bitsandbytes: int8 (LLM.int8) keeps far more of the distribution than 4-bit; fp4 is the loosest.
 QUANT_THRESHOLDS: dict[str, Thresholds] = {
     "int8": Thresholds(
-        atol=None, rtol=0.0, max_kl=0.05, min_top1=0.90, stage_nmse=0.01, require_generation=False
+        atol=None, rtol=0.0, max_kl=0.05, min_top1=0.90, stage_nmse=0.01, require_generation=False, quantized=True
     ),
     "nf4": Thresholds(
-        atol=None, rtol=0.0, max_kl=0.25, min_top1=0.75, stage_nmse=0.05, require_generation=False
+        atol=None, rtol=0.0, max_kl=0.25, min_top1=0.75, stage_nmse=0.05, require_generation=False, quantized=True
     ),
     "fp4": Thresholds(
-        atol=None, rtol=0.0, max_kl=0.35, min_top1=0.70, stage_nmse=0.08, require_generation=False
+        atol=None, rtol=0.0, max_kl=0.35, min_top1=0.70, stage_nmse=0.08, require_generation=False, quantized=True
     ),
 }
 
@@ -371,7 +373,12 @@ def builtin_image(width: int = 300, height: int = 180, seed: int = 0) -> Image.I
     return img
 
 
+MAX_IMAGE_PIXELS = 50_000_000  # ~8660 x 5770: decoding costs ~3 bytes a pixel, padding to a square more
+
+
 def _load_images(images: Sequence[Path | str | Image.Image] | None) -> list[tuple[str, Image.Image]]:
+    """The images to check, decoded to RGB; files larger than MAX_IMAGE_PIXELS are refused from their header,
+    before any pixel is decoded (a small compressed file can declare gigapixels)."""
     if not images:
         return [("builtin", builtin_image())]
     out = []
@@ -381,12 +388,27 @@ def _load_images(images: Sequence[Path | str | Image.Image] | None) -> list[tupl
             continue
         path = Path(item)
         try:
-            with Image.open(path) as im:
-                out.append((path.name, im.convert("RGB")))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is lower
+                with Image.open(path) as im:
+                    w, h = im.size
+                    if w * h > MAX_IMAGE_PIXELS:
+                        raise LlavaConvertError(
+                            f"{path}: {w}x{h} pixels ({w * h / 1e6:.0f} M); images are limited to "
+                            f"{MAX_IMAGE_PIXELS / 1e6:.0f} M pixels"
+                        )
+                    out.append((path.name, im.convert("RGB")))
+        except LlavaConvertError:
+            raise
         except FileNotFoundError:
             raise LlavaConvertError(f"{path}: image file not found") from None
-        except OSError as e:
-            raise LlavaConvertError(f"{path}: cannot read the image ({e})") from None
+        except Image.DecompressionBombError:
+            raise LlavaConvertError(
+                f"{path}: more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} M pixels; images are limited to "
+                f"{MAX_IMAGE_PIXELS / 1e6:.0f} M pixels"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError for corrupt files
+            raise LlavaConvertError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -876,7 +898,7 @@ def compare(
         st.add("image merge (unpad + newline)", s.merged, got, lambda: _merge_hint(s, got))
     if text_aligned and conv.inputs_embeds is not None:
         oi, ci = torch.tensor(o_idx, dtype=torch.long), torch.tensor(c_idx, dtype=torch.long)
-        quant = t.atol is None
+        quant = t.quantized
 
         def lm_hint(text: str) -> Callable[[], str]:
             if quant:

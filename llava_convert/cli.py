@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -20,24 +21,90 @@ _PATH = click.Path(path_type=Path)
 
 
 class _Group(click.Group):
-    """Maps the project's exceptions to one-line messages and exit codes."""
+    """Maps every failure to one line on stderr and an exit code: 2 bad input or environment (a missing,
+    corrupt or hostile file, disk full, permissions), 1 check failed, 128 + N killed by signal N (130 for
+    Ctrl-C). `--debug` adds the traceback."""
 
     def invoke(self, ctx):
-        from .errors import CheckFailed, LlavaConvertError
+        import signal
 
+        from .errors import CheckFailed, Interrupted, LlavaConvertError
+
+        debug = bool(ctx.params.get("debug"))
+        # Signal handlers can only be set from the main thread (a library caller may run us elsewhere).
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.getsignal(s) for s in _SIGNALS} if main_thread else {}
+        for s in previous:
+            signal.signal(s, _raise_interrupted)
+        _INTERRUPTED.clear()
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except LlavaConvertError as e:
-            click.echo(f"Error: {e}", err=True)
-            ctx.exit(e.exit_code)
+            _fail(ctx, debug, f"Error: {e}", e.exit_code)
         except CheckFailed as e:
-            click.echo(f"Check failed: {e}", err=True)
-            ctx.exit(e.exit_code)
+            _fail(ctx, debug, f"Check failed: {e}", e.exit_code)
+        except Interrupted as e:
+            _fail(ctx, debug, f"Interrupted ({signal.Signals(e.signum).name})", e.exit_code)
+        except KeyboardInterrupt:
+            _fail(ctx, debug, "Interrupted (SIGINT)", 128 + signal.SIGINT)
+        except OSError as e:
+            _fail(ctx, debug, f"Error: {_os_error(e)}", 2)
+        except MemoryError:
+            _fail(ctx, debug, "Error: out of memory", 2)
+        except RecursionError:
+            _fail(ctx, debug, "Error: input nested too deeply", 2)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: still one line, never a traceback
+            msg = " ".join(str(e).split())[:300]
+            _fail(ctx, debug, f"Error: internal error ({type(e).__name__}: {msg}); rerun with --debug for details", 2)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _signals():
+    import signal
+
+    return (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+_SIGNALS = _signals()
+_INTERRUPTED: list[int] = []
+
+
+def _raise_interrupted(signum, frame):
+    from .errors import Interrupted
+
+    if _INTERRUPTED:  # already on the way out (cleaning up): a second signal must not cut the cleanup short
+        return
+    _INTERRUPTED.append(signum)
+    raise Interrupted(signum)
+
+
+def _os_error(e: OSError) -> str:
+    where = e.filename if e.filename is not None else ""
+    what = e.strerror or str(e)
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    return f"{where}: {what}" if where else what
+
+
+def _fail(ctx, debug: bool, message: str, code: int) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    from .errors import one_line
+
+    click.echo(one_line(message), err=True)
+    ctx.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llava-convert")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure (for bug reports).")
+def main(debug: bool) -> None:
     """Convert original LLaVA checkpoints to Hugging Face format (and quantize, check, inspect them)."""
 
 

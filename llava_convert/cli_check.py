@@ -82,8 +82,16 @@ def check(
     """
     from .errors import LlavaConvertError
 
-    if json_path is not None and not json_path.parent.is_dir():
-        raise LlavaConvertError(f"Cannot write the report to {json_path}: {json_path.parent} does not exist")
+    if json_path is not None:  # refuse an unwritable report target before minutes of checking, not after
+        import os
+
+        parent = json_path.parent
+        if not parent.is_dir():
+            raise LlavaConvertError(f"Cannot write the report to {json_path}: {parent} does not exist")
+        if json_path.is_dir():
+            raise LlavaConvertError(f"Cannot write the report to {json_path}: it is a directory")
+        if not os.access(json_path if json_path.exists() else parent, os.W_OK):
+            raise LlavaConvertError(f"Cannot write the report to {json_path}: permission denied")
     from .check import DEFAULT_PROMPT
     from .check import check as run
 

@@ -19,12 +19,13 @@ from .forms import open_source, read_tensors
 from .hfconfig import Vocab, llava_config
 from .logs import quiet
 from .mapping import MapResult, PlanEntry, check_targets, load_table, map_tensors, raise_if
-from .processor import choose_chat_template, plan_tokens
+from .processor import TOKENIZER_FILES, choose_chat_template, plan_tokens
 from .quantize import QuantSpec, quantize_tensor, should_quantize
 from .readers import TensorRef, read_checkpoint
 from .source import OriginalCheckpoint, VisionTower, find_vision_tower, read_json
 from .target import build_target
-from .writer import assign_shards, staged_output, write_shards
+from .validate import check_llm_against_tensors, check_tower_against
+from .writer import Provenance, assign_shards, staged_output, write_shards
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EMBED_KEY = "model.embed_tokens.weight"
@@ -77,6 +78,10 @@ class Plan:
 
 def _output_dtype(tensors: dict[str, TensorRef], dtype: str) -> torch.dtype:
     if dtype == "auto":
+        if not tensors[EMBED_KEY].dtype.is_floating_point:
+            raise LlavaConvertError(
+                f"{tensors[EMBED_KEY].path}: {EMBED_KEY} has dtype {tensors[EMBED_KEY].dtype}, not a floating-point one"
+            )
         return tensors[EMBED_KEY].dtype
     try:
         return DTYPES[dtype]
@@ -110,6 +115,8 @@ def plan_conversion(
     tensors, form_warnings = read_tensors(ckpt)
     if EMBED_KEY not in tensors:
         raise LlavaConvertError(f"{ckpt.path}: no {EMBED_KEY} in the checkpoint weights")
+    cfg_path = ckpt.path / "config.json"
+    check_llm_against_tensors(ckpt.config, cfg_path, tensors)  # before any size sizes a model
     rows = tensors[EMBED_KEY].shape[0]
     cfg_vocab = ckpt.config.get("vocab_size")
     if cfg_vocab is not None and cfg_vocab != rows:
@@ -117,6 +124,12 @@ def plan_conversion(
             f"{ckpt.path / 'config.json'}: vocab_size {cfg_vocab} disagrees with {EMBED_KEY} "
             f"{tuple(tensors[EMBED_KEY].shape)} in {tensors[EMBED_KEY].path.name}"
         )
+    # Every header, before the tokenizer is loaded and any config class is built: the cheap checks first.
+    if not ckpt.tower_in_checkpoint:
+        tower_tensors = read_checkpoint(tower.path, origin="vision_tower", files=tower.weight_files)
+        check_tower_against(ckpt.config, cfg_path, tower.config, tower.path, tower_tensors)
+    else:
+        check_tower_against(ckpt.config, cfg_path, tower.config, tower.path, tensors)
     vocab = plan_tokens(ckpt, rows)
     out_dtype = _output_dtype(tensors, dtype)
     config = llava_config(ckpt, tower, vocab)
@@ -126,12 +139,20 @@ def plan_conversion(
     problems: list[str] = []
     results: list[MapResult] = [map_tensors(tensors, load_table("llava.toml"), facts, problems)]
     if not ckpt.tower_in_checkpoint:
-        tower_tensors = read_checkpoint(tower.path, origin="vision_tower", files=tower.weight_files)
         results.append(map_tensors(tower_tensors, load_table("clip.toml"), facts, problems))
+    raise_if(problems)
+    for r in results:  # every target parameter is floating point: an integer tensor cannot be one
+        for e in r.entries:
+            for src in e.sources:
+                if not src.dtype.is_floating_point:
+                    problems.append(
+                        f"{src.name} in {src.path.name} ({e.rule}): dtype {str(src.dtype).replace('torch.', '')}, "
+                        f"but {e.target} is a floating-point parameter"
+                    )
     raise_if(problems)
     entries = [e for r in results for e in r.entries]
 
-    target = build_target(config)
+    target = build_target(config, cfg_path)
     expected = target.expected_on_disk([e.target for e in entries])
     ctx = {"vocab": vocab}
     for e in entries:
@@ -208,6 +229,38 @@ def compute_entry(e: PlanEntry, ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {e.target: t}
 
 
+def plan_inputs(plan: Plan) -> list[tuple[str, Path | None]]:
+    """The directories a conversion reads: OUTPUT must stay clear of all of them."""
+    return [("SOURCE", plan.source.path), ("--base", plan.source.base), ("the vision tower", plan.tower.path)]
+
+
+def provenance(plan: Plan) -> Provenance:
+    """The input files OUTPUT is made of, for `provenance.json`."""
+    prov = Provenance("convert")
+    for role, path in plan_inputs(plan):
+        prov.add_input(role, path)
+    prov.add_file("config", plan.source.path / "config.json")
+    for name in TOKENIZER_FILES:
+        if (plan.source.tokenizer_dir / name).is_file():
+            prov.add_file("tokenizer", plan.source.tokenizer_dir / name)
+    gen = plan.source.tokenizer_dir / "generation_config.json"
+    if gen.is_file():
+        prov.add_file("generation_config", gen)
+    for name in ("config.json", "preprocessor_config.json"):
+        prov.add_file("vision_tower", plan.tower.path / name)
+    weights = {s.path for e in plan.entries for s in _leaves(e.sources)}
+    for path in sorted(weights):
+        prov.add_file("weights", path, hash_it=False)
+    return prov
+
+
+def _leaves(sources) -> list[TensorRef]:
+    out = []
+    for s in sources:
+        out.extend(_leaves(s.parts) if hasattr(s, "parts") else [s])
+    return out
+
+
 def _generation_config(plan: Plan) -> dict[str, Any]:
     src = plan.source.tokenizer_dir / "generation_config.json"  # the base LLM's for LoRA / projector-only
     gen = read_json(src) if src.is_file() else {}
@@ -244,9 +297,10 @@ def execute(
     # The card's facts include the sha256 of every source file: hashed on a side thread while the shards are
     # written (the kernel copies most bytes, so the reads overlap instead of adding up).
     facts = in_background(convert_facts, plan, output, command)
-    with staged_output(output, force=force) as staging:
+    with staged_output(output, force=force, inputs=plan_inputs(plan)) as staging:
         # Tokenizer and processor first: they fail fast on a bad tokenizer, before gigabytes are written.
         write_metadata(plan, staging)
+        provenance(plan).write(staging)
         with tqdm(
             total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
             file=sys.stderr, disable=not progress, leave=False,

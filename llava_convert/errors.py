@@ -9,8 +9,14 @@ class LlavaConvertError(Exception):
     exit_code = 2
 
     def __init__(self, message: str):
-        # One line: a user reads it in a terminal, CI greps it.
-        super().__init__(" ".join(str(message).split("\n")))
+        super().__init__(one_line(message))
+
+
+def one_line(message: object) -> str:
+    """MESSAGE on one line of printable text: a user reads it in a terminal, CI greps it. Newlines become
+    spaces; other control characters (from a hostile file's names) are escaped, not echoed."""
+    text = " ".join(str(message).splitlines())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class MappingError(LlavaConvertError):
@@ -27,3 +33,15 @@ class CheckFailed(Exception):
     """A parity check ran and found disagreement. The CLI exits 1."""
 
     exit_code = 1
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM, SIGHUP, SIGINT) arrived. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` swallows it: staging directories are removed on the way out, and the CLI exits 128 + N."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

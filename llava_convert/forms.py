@@ -44,6 +44,7 @@ from .readers import (
     weight_files,
 )
 from .source import ADAPTER_CONFIG, PROJECTOR, OriginalCheckpoint, open_original, read_json
+from .validate import check_adapter_config, check_original_config
 
 NEEDS_BASE = ("lora", "projector", "delta")
 FORM_TITLES = {
@@ -298,6 +299,7 @@ def _check_base(ckpt: OriginalCheckpoint) -> None:
     """The base LLM's config must describe the same network as the checkpoint's (its vocab is checked on weights)."""
     base_cfg_path = ckpt.base / "config.json"
     base_cfg = read_json(base_cfg_path)
+    check_original_config(base_cfg, base_cfg_path)
     if "text_config" in base_cfg or "vision_config" in base_cfg:
         raise LlavaConvertError(
             f"--base {ckpt.base}: a Hugging Face multimodal checkpoint; pass the base language model "
@@ -397,9 +399,7 @@ def _check_adapter_config(acfg: dict[str, Any], path: Path) -> None:
     peft_type = acfg.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise LlavaConvertError(f"{path}: peft_type {peft_type!r}; only LoRA adapters can be merged")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(acfg.get(key), int | float) or acfg[key] <= 0:
-            raise LlavaConvertError(f"{path}: {key} must be a positive number, found {acfg.get(key)!r}")
+    check_adapter_config(acfg, path)  # r, lora_alpha finite and positive; patterns with a bounded match time
     if acfg.get("use_dora"):
         raise LlavaConvertError(f"{path}: use_dora is set; DoRA adapters are not supported (LoRA only)")
     if acfg.get("modules_to_save"):

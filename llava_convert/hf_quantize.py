@@ -7,7 +7,6 @@ Linear weights, and everything else (tokenizer, processor, chat template) is cop
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,17 @@ from typing import Any
 from .errors import LlavaConvertError
 from .mapping import PlanEntry
 from .quantize import QuantSpec
-from .readers import read_checkpoint
+from .readers import check_input_file, read_checkpoint
 from .source import read_json
-from .writer import assign_shards, staged_output, write_shards
+from .writer import Provenance, assign_shards, staged_output, write_shards
 
 HF_MODEL_TYPES = ("llava", "llava_next")
-_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
-_NOT_COPIED = ("README.md", "check-report.json")
+# The files of a Hugging Face llava checkpoint besides weights and config.json, copied as they are.
+COPIED_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "processor_config.json",
+    "preprocessor_config.json", "vocab.json", "merges.txt",
+)
 
 
 def plan_quantize(source: Path, spec: QuantSpec, *, max_shard_size: int | str = "5GB"):
@@ -89,12 +92,18 @@ def quantize_checkpoint(
 
     source, output = Path(source), Path(output)
     config, entries, index = plan_quantize(source, spec, max_shard_size=max_shard_size)
-    with staged_output(output, force=force) as staging:
-        for p in source.iterdir():
-            if p.name in _NOT_COPIED:  # the source's card and check report describe the unquantized model
-                continue
-            if p.is_file() and not p.name.endswith(_WEIGHT_FILES) and not p.name.endswith(".index.json"):
-                shutil.copy2(p, staging / p.name)
+    prov = Provenance("quantize")
+    prov.add_input("SOURCE", source)
+    with staged_output(output, force=force, inputs=[("SOURCE", source)]) as staging:
+        for p in sorted(source.iterdir()):
+            if p.name in COPIED_FILES and p.is_file():
+                check_input_file(p)  # never a symlink out of SOURCE
+                (staging / p.name).write_bytes(p.read_bytes())
+                prov.add_file("metadata", p)
+        prov.add_file("config", source / "config.json")
+        for path in sorted({e.sources[0].path for e in entries}):
+            prov.add_file("weights", path, hash_it=False)
+        prov.write(staging)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         with tqdm(total=index["metadata"]["total_size"], unit="B", unit_scale=True, unit_divisor=1024,
                   desc="quantizing", file=sys.stderr, disable=not progress, leave=False) as bar:

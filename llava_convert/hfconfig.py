@@ -89,7 +89,7 @@ def text_config(ckpt: OriginalCheckpoint, vocab: Vocab) -> dict[str, Any]:
         fields["sliding_window"] = ckpt.config.get("sliding_window", 4096)
     try:
         cfg = cls(**fields)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
         raise LlavaConvertError(f"{ckpt.path / 'config.json'}: cannot build {cls.__name__} ({e})") from None
     out = cfg.to_dict()
     # transformers 4.x reads rope_theta / rope_scaling at the top level; 5.x reads rope_parameters.
@@ -106,7 +106,10 @@ def vision_config(tower: VisionTower) -> dict[str, Any]:
 
     allowed = _init_fields(CLIPVisionConfig)
     fields = {k: v for k, v in tower.config.items() if k in allowed}
-    out = CLIPVisionConfig(**fields).to_dict()
+    try:
+        out = CLIPVisionConfig(**fields).to_dict()
+    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
+        raise LlavaConvertError(f"{tower.path / 'config.json'}: cannot build CLIPVisionConfig ({e})") from None
     for k in ("id2label", "label2id"):
         out.pop(k, None)
     return out
@@ -185,13 +188,18 @@ def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> 
         multimodal_projector_bias=True,
         tie_word_embeddings=text["tie_word_embeddings"],
     )
-    if ckpt.architecture == "llava_next":
-        check_next_supported(ckpt, vision)
-        cfg = LlavaNextConfig(image_grid_pinpoints=hf_grid_pinpoints(ckpt.config["image_grid_pinpoints"]), **common)
-        arch = "LlavaNextForConditionalGeneration"
-    else:
-        cfg = LlavaConfig(**common)
-        arch = "LlavaForConditionalGeneration"
+    try:
+        if ckpt.architecture == "llava_next":
+            check_next_supported(ckpt, vision)
+            cfg = LlavaNextConfig(image_grid_pinpoints=hf_grid_pinpoints(ckpt.config["image_grid_pinpoints"]), **common)
+            arch = "LlavaNextForConditionalGeneration"
+        else:
+            cfg = LlavaConfig(**common)
+            arch = "LlavaForConditionalGeneration"
+    except LlavaConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
+        raise LlavaConvertError(f"{ckpt.path / 'config.json'}: cannot build the Hugging Face config ({e})") from None
     cfg.architectures = [arch]
     out = cfg.to_dict()
     out["text_config"] = text

@@ -10,6 +10,7 @@ from typing import Any
 from .errors import LlavaConvertError
 from .hfconfig import Vocab, plan_vocab
 from .logs import quiet
+from .readers import check_input_file
 from .source import OriginalCheckpoint, VisionTower, read_json
 from .templates import RELEASE_NAMES, TemplateChoice, authors_name_rule, template_for
 
@@ -26,6 +27,14 @@ def load_tokenizer(path: Path, *, legacy: bool = True):
 
     if not any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
         raise LlavaConvertError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) in the checkpoint")
+    for name in TOKENIZER_FILES:  # the tokenizer is saved into OUTPUT: never read one from outside its directory
+        if (path / name).is_symlink():
+            check_input_file(path / name)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        if (path / name).is_file():
+            read_json(path / name)  # one clear line for a corrupt file, before transformers trips over it
+    if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+        _check_spm(path / "tokenizer.model")
     try:
         # legacy=True (the default): a "▁" is prepended to the text after each special token. The authors'
         # `tokenizer_image_token` tokenizes the text after `<image>` as a fresh string, which starts with
@@ -41,6 +50,23 @@ def load_tokenizer(path: Path, *, legacy: bool = True):
             return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
         raise LlavaConvertError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+def _check_spm(path: Path) -> None:
+    """A corrupt SentencePiece model makes transformers fall back to tiktoken and blame its absence."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError
+        raise LlavaConvertError(f"{path}: not a SentencePiece model ({type(e).__name__}: {e})") from None
+    if not proto.pieces:
+        raise LlavaConvertError(f"{path}: not a SentencePiece model (no pieces)")
 
 
 def authors_added_tokens(config: dict[str, Any], tok) -> tuple[str, ...]:

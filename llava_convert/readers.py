@@ -18,6 +18,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,6 +54,83 @@ _TORCH_STORAGE_DTYPES = {
 
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+JSON_MAX_BYTES = 64 << 20  # configs, indexes, tokenizer settings: a few MB at most in any real release
+PICKLE_MAX_BYTES = 16 << 20  # a state dict's pickle holds names and shapes: ~150 bytes per tensor
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return x
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes, path: Path) -> Any:
+    """Strict JSON: UTF-8, no NaN / Infinity, no number that overflows to infinity, bounded nesting.
+
+    Raises:
+        LlavaConvertError: naming PATH and what is wrong.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LlavaConvertError(f"{path}: not valid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise LlavaConvertError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:
+        raise LlavaConvertError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise LlavaConvertError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file of an input directory: checked with `check_input_file`, size-capped, parsed strictly."""
+    check_input_file(path)
+    try:
+        size = path.stat().st_size
+        if size > JSON_MAX_BYTES:
+            raise LlavaConvertError(f"{path}: {size} bytes, too large for a JSON settings file")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LlavaConvertError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise LlavaConvertError(f"{path}: a directory, expected a file") from None
+    except OSError as e:
+        raise LlavaConvertError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_json(raw, path)
+
+
+def check_input_file(path: Path) -> None:
+    """Refuse a file of an input directory that is a symlink leading out of it.
+
+    A link inside the directory is fine, and so is a Hugging Face cache snapshot's link into its own repo's
+    `blobs/` (`models--org--name/snapshots/REV/f -> ../../blobs/HASH`). Anything else would read, and copy
+    into OUTPUT, a file the user never chose to convert (a token, a key).
+
+    Raises:
+        LlavaConvertError: naming the link and where it leads.
+    """
+    path = Path(path)
+    if not path.is_symlink():
+        return
+    root = path.parent.resolve()
+    real = path.resolve()
+    if root in real.parents:
+        return
+    if root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs":
+        return
+    raise LlavaConvertError(
+        f"{path}: a symlink to {real}, outside {root}; refusing to read files from outside the input directory "
+        "(copy the file in instead)"
+    )
 
 
 class _Mmaps:
@@ -127,8 +205,16 @@ class TensorRef:
             return t.as_strided(self.shape, self.stride)
 
 
+def _int(x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError
+    return x
+
+
 def read_safetensors(path: Path, origin: str = "") -> dict[str, TensorRef]:
-    """Parse a safetensors header into `TensorRef`s, validating every range against the file size."""
+    """Parse a safetensors header into `TensorRef`s, as strictly as the safetensors library itself: every
+    range inside the file and of its tensor's size, no two ranges overlapping."""
+    check_input_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -137,28 +223,40 @@ def read_safetensors(path: Path, origin: str = "") -> dict[str, TensorRef]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
             raise LlavaConvertError(f"{path}: corrupt or truncated safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LlavaConvertError(f"{path}: corrupt safetensors header ({e})") from None
+        header = parse_json(f.read(n), path)
+    if not isinstance(header, dict):
+        raise LlavaConvertError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     base = 8 + n
     out: dict[str, TensorRef] = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise LlavaConvertError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
             continue
         try:
+            if not isinstance(info, dict):
+                raise ValueError
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(_int(s) for s in info["shape"])
+            start, end = (_int(x) for x in info["data_offsets"])
+            if len(shape) > 8:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise LlavaConvertError(f"{path}: tensor {name!r} has an unreadable header entry {info!r}") from None
+            raise LlavaConvertError(f"{path}: tensor {name!r} has an unreadable header entry {str(info)[:200]}") from None
         ref = TensorRef(name, path, dtype, shape, base + start, origin=origin)
-        if end - start != ref.nbytes or base + end > size:
+        if start > end or end - start != ref.nbytes or base + end > size:
             raise LlavaConvertError(
                 f"{path}: tensor {name!r} lies outside the file or disagrees with its shape "
                 "(truncated or corrupt file)"
             )
         out[name] = ref
+        if end > start:
+            ranges.append((start, end, name))
+    ranges.sort()
+    for (_, end1, a), (start2, _, b) in zip(ranges, ranges[1:], strict=False):
+        if start2 < end1:
+            raise LlavaConvertError(f"{path}: tensors {a!r} and {b!r} overlap (corrupt or crafted header)")
     return out
 
 
@@ -169,8 +267,13 @@ class _StorageRef:
     numel: int
 
 
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a torch state dict into `TensorRef`s. Only the classes a state dict needs are allowed."""
+class _StateDictUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickles a torch state dict into `TensorRef`s. Only the classes a state dict needs are allowed.
+
+    The pure-Python unpickler, not the C one: the C one sizes its memo table from the index a `LONG_BINPUT`
+    names, so a 4-byte index in a hostile pickle allocates and zeroes up to 32 GB. The pure-Python memo is a
+    dict; state-dict pickles are a few KB, so the speed difference does not show.
+    """
 
     def __init__(self, file, path: Path, storage_offsets: dict[str, int], origin: str):
         super().__init__(file)
@@ -198,33 +301,62 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise LlavaConvertError(f"{self._path}: unexpected persistent id {pid!r}")
+            raise LlavaConvertError(f"{self._path}: unexpected persistent id {str(pid)[:200]}")
         _, dtype, key, _location, numel = pid[:5]
         if not isinstance(dtype, torch.dtype):
-            raise LlavaConvertError(f"{self._path}: unsupported storage type {dtype!r}")
-        return _StorageRef(str(key), dtype, int(numel))
+            raise LlavaConvertError(f"{self._path}: unsupported storage type {str(dtype)[:100]}")
+        if not isinstance(key, str | int) or isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+            raise LlavaConvertError(f"{self._path}: corrupt storage record {str(pid)[:200]}")
+        return _StorageRef(str(key), dtype, numel)
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride, *args):
+        if not isinstance(storage, _StorageRef):
+            raise LlavaConvertError(f"{self._path}: corrupt tensor record (no storage)")
         if storage.key not in self._storage_offsets:
             raise LlavaConvertError(f"{self._path}: storage {storage.key} is missing (truncated or corrupt file)")
         itemsize = dtype_size(storage.dtype)
+        _, member_size = self._storage_offsets[storage.key]
+        try:
+            storage_offset = _int(storage_offset)
+            size, stride = tuple(_int(s) for s in size), tuple(_int(s) for s in stride)
+            if len(size) != len(stride) or len(size) > 8:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise LlavaConvertError(f"{self._path}: corrupt tensor record (offset, shape or stride)") from None
+        if storage.numel * itemsize > member_size:
+            raise LlavaConvertError(
+                f"{self._path}: storage {storage.key} declares {storage.numel} elements but holds "
+                f"{member_size // itemsize} (corrupt file)"
+            )
+        if all(size):  # the last element the view reaches must lie inside its own storage
+            last = storage_offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+            if last >= storage.numel:
+                raise LlavaConvertError(
+                    f"{self._path}: a tensor of shape {size} at offset {storage_offset} runs past its storage "
+                    f"{storage.key} ({storage.numel} elements; corrupt file)"
+                )
         return TensorRef(
             name="",
             path=self._path,
             dtype=storage.dtype,
             shape=tuple(size),
-            offset=self._storage_offsets[storage.key] + storage_offset * itemsize,
+            offset=self._storage_offsets[storage.key][0] + storage_offset * itemsize,
             stride=tuple(stride),
-            storage_numel=storage.numel - storage_offset,
+            storage_numel=max(storage.numel - storage_offset, 0),
             origin=self._origin,
         )
 
 
 def read_torch_bin(path: Path, origin: str = "") -> dict[str, TensorRef]:
-    """Read a `torch.save` zip file (what `pytorch_model*.bin` is) into `TensorRef`s without loading data."""
+    """Read a `torch.save` zip file (what `pytorch_model*.bin` is) into `TensorRef`s without loading data.
+
+    Every member must be stored uncompressed (torch never compresses; a compressed member could inflate
+    without bound), the pickle is size-capped, and every tensor must lie inside its own storage.
+    """
+    check_input_file(path)
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, ValueError, EOFError):
         with open(path, "rb") as f:
             magic = f.read(2)
         if magic == b"\x80\x02":
@@ -238,14 +370,19 @@ def read_torch_bin(path: Path, origin: str = "") -> dict[str, TensorRef]:
         if len(pkl) != 1:
             raise LlavaConvertError(f"{path}: not a torch checkpoint (no data.pkl)")
         prefix = pkl[0][: -len("data.pkl")]
-        offsets: dict[str, int] = {}
+        offsets: dict[str, tuple[int, int]] = {}
         size = path.stat().st_size
         with open(path, "rb") as raw:
             for info in zf.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise LlavaConvertError(
+                        f"{path}: zip member {info.filename} is compressed; torch.save never compresses, "
+                        "refusing to inflate it"
+                    )
+                if info.filename == pkl[0] and info.file_size > PICKLE_MAX_BYTES:
+                    raise LlavaConvertError(f"{path}: {info.filename} is {info.file_size} bytes, too large for a state dict")
                 if not info.filename.startswith(prefix + "data/"):
                     continue
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise LlavaConvertError(f"{path}: compressed tensor data is not supported")
                 raw.seek(info.header_offset)
                 local = raw.read(30)
                 if len(local) < 30 or local[:4] != b"PK\x03\x04":
@@ -254,18 +391,22 @@ def read_torch_bin(path: Path, origin: str = "") -> dict[str, TensorRef]:
                 start = info.header_offset + 30 + name_len + extra_len
                 if start + info.file_size > size:
                     raise LlavaConvertError(f"{path}: truncated (entry {info.filename} runs past the end)")
-                offsets[info.filename[len(prefix) + 5 :]] = start
+                offsets[info.filename[len(prefix) + 5 :]] = (start, info.file_size)
         try:
             with zf.open(pkl[0]) as f:
                 obj = _StateDictUnpickler(f, path, offsets, origin).load()
         except LlavaConvertError:
             raise
+        except RecursionError:
+            raise LlavaConvertError(f"{path}: corrupt torch checkpoint (pickle nested too deeply)") from None
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
             raise LlavaConvertError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise LlavaConvertError(f"{path}: expected a state dict, found {type(obj).__name__}")
     out: dict[str, TensorRef] = {}
     for name, ref in obj.items():
+        if not isinstance(name, str):
+            raise LlavaConvertError(f"{path}: entry {str(name)[:100]} has a name that is not a string")
         if not isinstance(ref, TensorRef):
             raise LlavaConvertError(f"{path}: entry {name!r} is not a tensor")
         end = ref.offset + (ref.storage_numel or 0) * dtype_size(ref.dtype)
@@ -276,6 +417,7 @@ def read_torch_bin(path: Path, origin: str = "") -> dict[str, TensorRef]:
 
 
 def read_weight_file(path: Path, origin: str = "") -> dict[str, TensorRef]:
+    check_input_file(path)
     if not path.is_file():
         raise LlavaConvertError(f"{path}: file not found")
     if path.suffix == ".safetensors":
@@ -297,11 +439,8 @@ def weight_files(directory: Path) -> list[Path]:
         index = directory / index_name
         if not index.is_file():
             continue
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise LlavaConvertError(f"{index}: unreadable index ({e})") from None
+        weight_map = read_index(index)
+        shards = sorted(set(weight_map.values()))
         files = []
         for shard in shards:
             p = Path(shard)
@@ -320,6 +459,18 @@ def weight_files(directory: Path) -> list[Path]:
     raise LlavaConvertError(f"{directory}: no weights found (expected *.safetensors or pytorch_model*.bin)")
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The `weight_map` of a shard index: tensor names to shard file names, both strings."""
+    data = read_json_file(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise LlavaConvertError(f"{index}: unreadable index (no weight_map object)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise LlavaConvertError(f"{index}: weight_map[{name!r}] must be a shard file name, found {str(shard)[:100]}")
+    return weight_map
+
+
 def read_checkpoint(directory: Path, origin: str = "", files: list[Path] | None = None) -> dict[str, TensorRef]:
     """All tensors of a checkpoint directory. Keys listed in an index must be in the shard it names."""
     files = files if files is not None else weight_files(directory)
@@ -332,7 +483,7 @@ def read_checkpoint(directory: Path, origin: str = "", files: list[Path] | None 
     for index_name in WEIGHT_INDEX_NAMES:
         index = directory / index_name
         if index.is_file() and files and files[0].parent == directory:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_index(index)
             for name, shard in weight_map.items():
                 if name not in out or out[name].path.name != shard:
                     raise LlavaConvertError(f"{index}: tensor {name!r} is not in shard {shard}")

@@ -6,26 +6,21 @@ names the authors' class, which clashes with transformers' own `llava`.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import LlavaConvertError
-from .readers import weight_files
+from .readers import read_json_file, weight_files
+from .validate import check_original_config, check_tower_config
 
 ORIGINAL_MODEL_TYPES = ("llava", "llava_llama", "llava_mistral")
 SUPPORTED_MLP = re.compile(r"^mlp(\d+)x_gelu$")
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LlavaConvertError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlavaConvertError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_file(path)  # strict, size-capped, no symlink out of its directory
     if not isinstance(data, dict):
         raise LlavaConvertError(f"{path}: expected a JSON object")
     return data
@@ -108,6 +103,7 @@ def open_original(path: Path, *, form: str = "full", repo_id: str | None = None)
     if not cfg_path.is_file():
         raise LlavaConvertError(f"{cfg_path}: file not found (not a LLaVA checkpoint directory)")
     config = read_json(cfg_path)
+    check_original_config(config, cfg_path)
     model_type = config.get("model_type")
     if "text_config" in config or "vision_config" in config:
         raise LlavaConvertError(
@@ -174,8 +170,9 @@ def open_vision_tower(path: Path, *, need_weights: bool) -> VisionTower:
         raise LlavaConvertError(f"{path}: vision tower directory not found")
     cfg = read_json(path / "config.json")
     vision = cfg.get("vision_config", cfg) if cfg.get("model_type") != "clip_vision_model" else cfg
-    if "hidden_size" not in vision or "patch_size" not in vision:
+    if not isinstance(vision, dict) or "hidden_size" not in vision or "patch_size" not in vision:
         raise LlavaConvertError(f"{path / 'config.json'}: not a CLIP config (no vision hidden_size/patch_size)")
+    check_tower_config(vision, path / "config.json")
     pre_path = path / "preprocessor_config.json"
     if not pre_path.is_file():
         raise LlavaConvertError(f"{pre_path}: file not found (the tower's image-processor settings are needed)")

@@ -42,7 +42,7 @@ class TargetModel:
         return out
 
 
-def build_target(config: dict[str, Any]) -> TargetModel:
+def build_target(config: dict[str, Any], cfg_path: Any = "config.json") -> TargetModel:
     from transformers import (
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -52,12 +52,17 @@ def build_target(config: dict[str, Any]) -> TargetModel:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    if config["model_type"] == "llava_next":
-        cfg, cls = LlavaNextConfig.from_dict(config), LlavaNextForConditionalGeneration
-    else:
-        cfg, cls = LlavaConfig.from_dict(config), LlavaForConditionalGeneration
-    with torch.device("meta"):
-        model = cls(cfg)
+    from .errors import LlavaConvertError
+
+    try:
+        if config["model_type"] == "llava_next":
+            cfg, cls = LlavaNextConfig.from_dict(config), LlavaNextForConditionalGeneration
+        else:
+            cfg, cls = LlavaConfig.from_dict(config), LlavaForConditionalGeneration
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers' config validation raises many types; name the field
+        raise LlavaConvertError(f"{cfg_path}: cannot build the target model ({type(e).__name__}: {e})") from None
     params = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     conv = get_model_conversion_mapping(model)
     ren = [c for c in conv if isinstance(c, WeightRenaming)]

@@ -9,13 +9,18 @@ The files it writes are standard safetensors (checked by loading them with `safe
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -197,30 +202,304 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-@contextmanager
-def staged_output(output: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of OUTPUT; rename it into place only if the body completes.
+# ----------------------------------------------------------------------------------------------------------
+# Output directories: never overlapping an input, locked, staged, flushed to disk, renamed into place
+# ----------------------------------------------------------------------------------------------------------
 
-    A failed or interrupted run leaves no OUTPUT behind (and an existing OUTPUT untouched).
+PROVENANCE_FILE = "provenance.json"
+_STAGING_SUFFIX_MAX = len(".partial-4194304") + 1  # "." + OUT's name + ".partial-PID" must fit a file name
+_NAME_MAX = 255
+
+
+@dataclass
+class Provenance:
+    """What OUTPUT was made from, written to `provenance.json` in OUTPUT.
+
+    `inputs`: `{"role", "path"}` per input directory (SOURCE, --base, the vision tower). `files`: one
+    `{"path", "sha256", "role"}` per input file whose bytes went into OUTPUT as they are (tokenizer files,
+    copied metadata) or whose contents it was derived from (configs, weights; weights carry no sha256, as
+    hashing them would cost a second read of every byte).
     """
-    if output.exists() and not force:
-        raise LlavaConvertError(f"Cannot write to {output}: it already exists. Pass --force to replace it.")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise LlavaConvertError(f"Cannot write to {output}: {parent} does not exist")
-    staging = parent / f".{output.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        old = parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-        staging.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
+
+    command: str
+    inputs: list[dict[str, str]] = field(default_factory=list)
+    files: list[dict[str, str | None]] = field(default_factory=list)
+
+    def add_input(self, role: str, path: Path | None) -> None:
+        if path is not None:
+            self.inputs.append({"role": role, "path": str(Path(path).resolve())})
+
+    def add_file(self, role: str, path: Path, *, hash_it: bool = True) -> None:
+        digest = None
+        if hash_it:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
+        self.files.append({"path": str(path), "sha256": digest, "role": role})
+
+    def write(self, out_dir: Path) -> None:
+        from . import __version__
+
+        data = {"tool": "llava-convert", "version": __version__, "command": self.command,
+                "inputs": self.inputs, "files": self.files}
+        (out_dir / PROVENANCE_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _real_candidates(path: Path) -> set[Path]:
+    """PATH lexically and resolved, plus the resolved targets (and their folders) of the symlinks directly in
+    it: a Hub cache snapshot's files live in the repo's `blobs/`."""
+    out = {Path(os.path.abspath(path)), path.resolve()}
+    if path.is_dir():
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            entries = []
+        for e in entries:
+            if e.is_symlink():
+                real = Path(e.path).resolve()
+                out.add(real)
+                if path.resolve().parent.name == "snapshots" and real.parent.name == "blobs":
+                    out.add(real.parent)  # a Hub cache repo's blobs/: every snapshot of it lives there
+    return out
+
+
+def _relation(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if out in inp.parents:
+        return "contains"
+    if inp in out.parents:
+        return "lies inside"
+    return None
+
+
+def check_disjoint(output: Path | str, inputs: list[tuple[str, Path | None]]) -> None:
+    """Refuse an OUTPUT that is, contains or lies inside an input (lexically or through symlinks), or the
+    current directory or one above it: replacing it (`--force`) would delete the input.
+
+    Raises:
+        LlavaConvertError: naming OUTPUT, the input and its role.
+    """
+    lexical = Path(os.path.abspath(output))
+    outs = {lexical, lexical.parent.resolve() / lexical.name}
+    if lexical.is_symlink() or lexical.exists():
+        outs.add(lexical.resolve())
+    cwd = Path.cwd().resolve()
+    for o in outs:
+        rel = _relation(o, cwd)
+        if rel in ("is", "contains"):
+            raise LlavaConvertError(f"Cannot write to {output}: it {rel} the current directory")
+    for role, inp in inputs:
+        if inp is None:
+            continue
+        for i in _real_candidates(Path(inp)):
+            for o in outs:
+                rel = _relation(o, i)
+                if rel:
+                    raise LlavaConvertError(
+                        f"Cannot write to {output}: it {rel} {role} {inp}"
+                        + (f" ({i})" if str(i) != os.path.abspath(inp) else "")
+                        + "; choose an OUTPUT outside every input"
+                    )
+
+
+class _Lock:
+    """An exclusive `flock` on `.OUT.lock` beside OUTPUT: a second run writing the same OUTPUT is refused."""
+
+    def __init__(self, parent: Path, name: str, output: Path):
+        import fcntl
+
+        self.path = parent / f".{name}.lock"
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise LlavaConvertError(f"Cannot write to {output}: {e.strerror} ({self.path})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise LlavaConvertError(
+                    f"Cannot write to {output}: another llava-convert run is writing it (lock {self.path})"
+                ) from None
+            try:  # the holder before us may have removed the file after we opened it: lock the live one
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        staging.rename(output)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Staging and set-aside directories of OUTPUT left by runs that died (kill -9, power cut). Called with the
+    lock held, so no live run owns them."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(partial|old)-\d+")
+    for p in parent.iterdir():
+        if pattern.fullmatch(p.name):
+            print(f"Warning: removing {p}, left by an interrupted run", file=sys.stderr)
+            _remove(p)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file, then every directory, of ROOT flushed to the disk."""
+    dirs = []
+    for d, _, files in os.walk(root):
+        dirs.append(d)
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        _fsync_dir(d)
+
+
+def _fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """`renameat2(RENAME_NOREPLACE)`: fails if DST exists (even an empty directory, which plain rename
+    replaces). False when the kernel, libc or file system lacks it."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(dst))
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _commit(staging: Path, output: Path, *, force: bool, shown: Path | str) -> None:
+    appeared = f"Cannot write to {shown}: it appeared while this run was writing; nothing was replaced. "
+    if not output.exists() and not output.is_symlink():
+        try:
+            if not _rename_noreplace(staging, output):
+                if output.exists() or output.is_symlink():
+                    raise FileExistsError
+                staging.rename(output)
+            return
+        except FileExistsError:
+            if not force:
+                raise LlavaConvertError(appeared + "Pass --force to replace it.") from None
+    elif not force:
+        raise LlavaConvertError(appeared + "Pass --force to replace it.")
+    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    output.rename(old)
+    staging.rename(output)
+    _remove(old)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextmanager
+def staged_output(
+    output: Path | str,
+    *,
+    force: bool,
+    inputs: list[tuple[str, Path | None]] = (),  # type: ignore[assignment]
+    durable: bool = True,
+) -> Iterator[Path]:
+    """Yield a staging directory beside OUTPUT; move it into place only when the body completes.
+
+    Guarantees: OUTPUT never is, contains or lies inside an input (checked first, `--force` or not); a lock
+    stops a second run writing the same OUTPUT; staging directories of dead runs are removed; a failed or
+    interrupted run (the signals the CLI handles included) removes its staging directory and leaves an existing
+    OUTPUT untouched; with `durable`, every file and directory is fsync'ed before the rename, so a power cut
+    never leaves a complete-looking OUTPUT with short files; an OUTPUT that appeared meanwhile is not replaced
+    without `force`; `force` replaces a directory, a file or a symlink (the link, never its target).
+
+    Raises:
+        LlavaConvertError: OUTPUT overlaps an input, exists (without `force`), is locked, or cannot be created.
+    """
+    shown = output
+    output = Path(os.path.abspath(output))
+    name = output.name
+    if not name:
+        raise LlavaConvertError(f"Cannot write to {shown}: not a directory name")
+    if len(os.fsencode(name)) > _NAME_MAX - _STAGING_SUFFIX_MAX:
+        raise LlavaConvertError(
+            f"Cannot write to {shown}: name too long ({len(os.fsencode(name))} bytes; at most "
+            f"{_NAME_MAX - _STAGING_SUFFIX_MAX})"
+        )
+    check_disjoint(output, list(inputs))
+    parent = output.parent
+    if not parent.is_dir():
+        raise LlavaConvertError(f"Cannot write to {shown}: {parent} does not exist")
+    if (output.exists() or output.is_symlink()) and not force:
+        raise LlavaConvertError(f"Cannot write to {shown}: it already exists. Pass --force to replace it.")
+    lock = _Lock(parent, name, shown)
+    try:
+        _remove_stale(parent, name)
+        staging = parent / f".{name}.partial-{os.getpid()}"
+        try:
+            staging.mkdir()
+        except OSError as e:
+            raise LlavaConvertError(f"Cannot write to {shown}: {e.strerror} ({parent})") from None
+        try:
+            yield staging
+            if durable:
+                _fsync_tree(staging)
+            with _signals_held():  # never stop between setting an old OUTPUT aside and renaming the new one in
+                _commit(staging, output, force=force, shown=shown)
+            if durable:
+                _fsync_dir(parent)
+        except OSError as e:  # disk full, quota, file too large, I/O error: one line naming OUTPUT
+            _remove(staging)
+            where = f" ({e.filename})" if e.filename else ""
+            raise LlavaConvertError(f"Cannot write to {shown}: {e.strerror or e}{where}") from None
+        except BaseException:
+            _remove(staging)
+            raise
+    finally:
+        lock.release()
