@@ -3,9 +3,9 @@ the way the authors preprocess (pad-to-square, anyres tiling), and the chat temp
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-import json
 from typing import Any
 
 from .errors import LlavaConvertError
@@ -117,11 +117,31 @@ class PromptStyle:
     fresh: str  # what the template writes where the authors tokenize a fresh string: " " or ""
 
 
+def authors_fast_tokenizer(ckpt: OriginalCheckpoint) -> bool:
+    """Whether the authors' builder loads a fast tokenizer (`builder.py`: `mpt` in the name, or `mistral` in
+    the name of a full model); otherwise it loads the slow one."""
+    name = ckpt.name.lower()
+    return "mpt" in name or ("mistral" in name and ckpt.form not in ("lora", "projector"))
+
+
+def authors_prefix_legacy(ckpt: OriginalCheckpoint) -> bool:
+    """Whether the authors' tokenizer starts the text after every special token with "▁".
+
+    The slow tokenizer does when `legacy` is true or unset. A fast one follows its tokenizer.json, and
+    transformers 4.36 builds a missing tokenizer.json the legacy way whatever `legacy` says."""
+    if authors_fast_tokenizer(ckpt):
+        path = ckpt.tokenizer_dir / "tokenizer.json"
+        if path.is_file():
+            return '"first"' not in json.dumps(read_json(path).get("pre_tokenizer"))
+        return True
+    return authors_legacy(ckpt.tokenizer_dir)
+
+
 def prompt_style(ckpt: OriginalCheckpoint, tok) -> PromptStyle:
     """The `PromptStyle` for the original tokenizer TOK (loaded by `load_tokenizer`)."""
     ids = tok("a").input_ids
     bos = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
-    if not authors_legacy(ckpt.tokenizer_dir):
+    if not authors_prefix_legacy(ckpt):
         return PromptStyle(bos=bos, prepend="first", fresh=" ")
     return PromptStyle(bos=bos, prepend="always" if spm_dummy_prefix(ckpt.tokenizer_dir) else "never", fresh="")
 
@@ -143,7 +163,7 @@ def build_tokenizer(ckpt: OriginalCheckpoint, vocab: Vocab):
     at the ids it gives them, then `<image>` (the next id) and `<pad>` (the one after); with its `PromptStyle`."""
     from tokenizers import AddedToken
 
-    tok = load_tokenizer(ckpt.tokenizer_dir, legacy=authors_legacy(ckpt.tokenizer_dir))
+    tok = load_tokenizer(ckpt.tokenizer_dir, legacy=authors_prefix_legacy(ckpt))
     style = prompt_style(ckpt, tok)
     if len(tok) + len(vocab.added) != vocab.image_token_id:
         raise LlavaConvertError(
@@ -241,6 +261,22 @@ def _token_entry(tok, token_id: int) -> dict[str, Any]:
     }
 
 
+def _compat_tokenizer_json(path: Path) -> None:
+    """Spell tokenizer.json so that tokenizers 0.15 (transformers 4.36-4.39) reads it too, with the same
+    tokens: BPE merges as "a b" strings (the form every version reads), and the Metaspace pre-tokenizer's
+    `add_prefix_space` next to `prepend_scheme` (0.15 requires it; newer versions read it as the scheme)."""
+    data = json.loads(path.read_text())
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if merges and all(isinstance(m, list) and not any(" " in part for part in m) for m in merges):
+        model["merges"] = [" ".join(m) for m in merges]
+    pre = data.get("pre_tokenizer") or {}
+    for p in [pre, *pre.get("pretokenizers", [])]:
+        if p.get("type") == "Metaspace":
+            p["add_prefix_space"] = p.get("prepend_scheme") != "never"
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def write_tokenizer_files(processor, out: Path, tokenizer_dir: Path) -> None:
     """Rewrite the tokenizer and processor files `save_pretrained` left in OUT into the llava-hf set that
     transformers 4.x and 5.x both read.
@@ -269,7 +305,7 @@ def write_tokenizer_files(processor, out: Path, tokenizer_dir: Path) -> None:
         "added_tokens_decoder": {str(i): _token_entry(tok, i) for i in sorted(tok.added_tokens_decoder)},
         **specials,
         "clean_up_tokenization_spaces": False,
-        "legacy": authors_legacy(tokenizer_dir),
+        "legacy": '"first"' not in str(tok.backend_tokenizer.pre_tokenizer.__getstate__()),
         "model_max_length": int(tok.model_max_length),
         "padding_side": "left",
         "processor_class": type(processor).__name__,
@@ -286,6 +322,8 @@ def write_tokenizer_files(processor, out: Path, tokenizer_dir: Path) -> None:
         entry.pop("special", None)
         stm[k] = entry
     (out / "special_tokens_map.json").write_text(json.dumps(stm, indent=2, ensure_ascii=False) + "\n")
+
+    _compat_tokenizer_json(out / "tokenizer.json")
 
     proc_path = out / "processor_config.json"
     proc_cfg = json.loads(proc_path.read_text())
