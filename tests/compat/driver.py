@@ -7,7 +7,7 @@ and imported by the main one (transformers 5), so that both sides run the same s
 
     {"name": ..., "dir": converted checkpoint, "arch": "llava" | "llava_next", "mode": "full" | "old",
      "messages": chat messages, "image": a name from tests/oracle/images.py, "max_new_tokens": 8,
-     "quantized": false}
+     "quantized": false, "pixel_values_from": optional .pt file whose pixel values the model gets instead}
 
 "full": `AutoProcessor` (chat template, image processor, `<image>` expansion) + the model class.
 "old": the versions before processors carried chat templates and expanded `<image>` (4.36 for llava, 4.39
@@ -15,8 +15,9 @@ for llava_next): `AutoTokenizer` + its `apply_chat_template` with chat_template.
 class, and the model, which splices the image features in itself.
 
 Results (torch.save, a dict name -> dict): version, classes, prompt, input_ids, server_ids (the rendered
-prompt tokenized without special tokens, as vLLM's chat server does), pixel_values, logits (float32),
-generated; or error (the exception, one line) when a step fails.
+prompt tokenized without special tokens, as vLLM's chat server does), own_pixel_values (the image
+processor's), pixel_values (what the model got), logits (float32), generated; or error (the exception,
+one line) when a step fails.
 """
 
 from __future__ import annotations
@@ -41,10 +42,8 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 def _model_class(arch: str):
     import transformers
 
-    return {
-        "llava": transformers.LlavaForConditionalGeneration,
-        "llava_next": transformers.LlavaNextForConditionalGeneration,
-    }[arch]
+    name = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}[arch]
+    return getattr(transformers, name)
 
 
 def _load_model(job: dict):
@@ -108,6 +107,9 @@ def run_job(job: dict) -> dict:
             step = "model"
             model = _load_model(job)
             inputs = got.pop("inputs")
+            got["own_pixel_values"] = inputs["pixel_values"].float()
+            if job.get("pixel_values_from"):
+                inputs["pixel_values"] = torch.load(job["pixel_values_from"], weights_only=True)
             if not job.get("quantized"):
                 inputs = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
             with torch.no_grad():
