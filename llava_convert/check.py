@@ -1014,6 +1014,8 @@ _HASHED = (
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
     "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.json",
     "chat_template.jinja",
 )
 

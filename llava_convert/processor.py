@@ -113,7 +113,8 @@ class PromptStyle:
     """
 
     bos: bool  # the authors' ids start with BOS: the template writes it
-    prepend: str  # Metaspace prepend_scheme: "always" (legacy), "first" (non-legacy), "never" (no dummy prefix)
+    prepend: str  # Metaspace prepend_scheme: "always" (legacy), "first" (non-legacy), "never" (no dummy
+    # prefix); "" leaves a tokenizer without a Metaspace pre-tokenizer as it is
     fresh: str  # what the template writes where the authors tokenize a fresh string: " " or ""
 
 
@@ -141,6 +142,8 @@ def prompt_style(ckpt: OriginalCheckpoint, tok) -> PromptStyle:
     """The `PromptStyle` for the original tokenizer TOK (loaded by `load_tokenizer`)."""
     ids = tok("a").input_ids
     bos = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
+    if "Metaspace" not in str(tok.backend_tokenizer.pre_tokenizer):  # not a SentencePiece-style tokenizer.json
+        return PromptStyle(bos=bos, prepend="", fresh="")
     if not authors_prefix_legacy(ckpt):
         return PromptStyle(bos=bos, prepend="first", fresh=" ")
     return PromptStyle(bos=bos, prepend="always" if spm_dummy_prefix(ckpt.tokenizer_dir) else "never", fresh="")
@@ -151,7 +154,7 @@ def _apply_style(tok, style: PromptStyle) -> None:
     from tokenizers import pre_tokenizers
 
     backend = tok.backend_tokenizer
-    if "Metaspace" in str(backend.pre_tokenizer):
+    if style.prepend:
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=style.prepend, split=False)
         if style.prepend == "first":
             backend.normalizer = None  # the Metaspace replaces spaces; no extra "▁" before a leading space
