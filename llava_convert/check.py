@@ -1046,6 +1046,8 @@ _HASHED = (
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
     "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.json",
     "chat_template.jinja",
 )
 

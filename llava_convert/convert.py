@@ -262,25 +262,30 @@ def _leaves(sources) -> list[TensorRef]:
 
 
 def _generation_config(plan: Plan) -> dict[str, Any]:
+    """Only what generation needs: BOS, EOS (the original's generation_config.json, else its config) and
+    `<pad>`. Length limits and sampling settings of the original (`max_length`) are not carried over: they
+    were training-time values, and transformers would apply them to every `generate` call."""
     src = plan.source.tokenizer_dir / "generation_config.json"  # the base LLM's for LoRA / projector-only
-    gen = read_json(src) if src.is_file() else {}
+    orig = read_json(src) if src.is_file() else {}
     text = plan.config["text_config"]
-    gen.setdefault("bos_token_id", text.get("bos_token_id"))
-    gen.setdefault("eos_token_id", text.get("eos_token_id"))
-    gen["pad_token_id"] = plan.vocab.pad_token_id
-    gen.pop("transformers_version", None)
-    return gen
+    gen = {
+        "bos_token_id": orig.get("bos_token_id", text.get("bos_token_id")),
+        "eos_token_id": orig.get("eos_token_id", text.get("eos_token_id")),
+        "pad_token_id": plan.vocab.pad_token_id,
+    }
+    return {k: v for k, v in gen.items() if v is not None}
 
 
 def write_metadata(plan: Plan, out: Path) -> None:
     """config.json, generation_config.json, tokenizer and processor files."""
-    from .processor import build_processor
+    from .processor import build_processor, write_tokenizer_files
 
     (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(plan), indent=2) + "\n")
     with quiet():
         processor = build_processor(plan.source, plan.tower, plan.vocab, plan.config, chat_template=plan.chat_template)
         processor.save_pretrained(str(out))
+    write_tokenizer_files(processor, out, plan.source.tokenizer_dir)
 
 
 def execute(

@@ -4,6 +4,7 @@ the way the authors preprocess (pad-to-square, anyres tiling), and the chat temp
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,7 @@ def load_tokenizer(path: Path, *, legacy: bool = True):
     if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
         _check_spm(path / "tokenizer.model")
     try:
-        # legacy=True (the default): a "▁" is prepended to the text after each special token. The authors'
-        # `tokenizer_image_token` tokenizes the text after `<image>` as a fresh string, which starts with
-        # SentencePiece's dummy-prefix "▁"; this makes the single-string tokenization give the same ids
-        # (see prefix_after_specials for the one case that needs legacy=False).
+        # legacy: whether a "▁" is prepended to the text after each special token (see PromptStyle).
         kwargs: dict[str, Any] = {"legacy": legacy}
         if not spm_dummy_prefix(path) and authors_legacy(path):
             # A SentencePiece model without the dummy prefix (Yi, llava-v1.6-34b): the authors' legacy slow
@@ -126,23 +124,76 @@ def authors_legacy(tokenizer_dir: Path) -> bool:
     return cfg.get("legacy") is not False
 
 
-def prefix_after_specials(ckpt: OriginalCheckpoint) -> bool:
-    """Whether the converted tokenizer starts the text after a special token with SentencePiece's "▁".
+@dataclass(frozen=True)
+class PromptStyle:
+    """How the converted tokenizer and chat template reproduce the authors' prompt ids.
 
-    The authors' `tokenizer_image_token` tokenizes the text after `<image>` as a fresh string, which gets
-    the "▁" prefix; text after other special tokens gets it only with a legacy tokenizer. With `<image>`
-    alone in the prompt, "always" reproduces them. With mm_use_im_start_end no text follows `<image>`
-    (`<im_end>` does), so a non-legacy tokenizer must not add it (prepend_scheme "first").
+    The authors' `tokenizer_image_token` tokenizes the text before and after `<image>` as fresh strings: each
+    starts with SentencePiece's "▁" (dummy prefix), BOS comes first when their tokenizer adds it. Inside a
+    string, a legacy tokenizer starts the text after every special token (`</s>`, `<|im_start|>`) with "▁"
+    too, a non-legacy one never does. One tokenizer setting cannot put "▁" after `<image>` and not after
+    `</s>`, so with a non-legacy original the tokenizer never adds it after a special token and the template
+    writes a space where the authors start a fresh string (after BOS, after `<image>`), which the tokenizer
+    turns into that "▁". The template emits BOS (so that tokenizing the rendered prompt without special
+    tokens, as vLLM's chat server does, gives it) and the tokenizer does not add one.
     """
-    return not ckpt.config.get("mm_use_im_start_end") or authors_legacy(ckpt.tokenizer_dir)
+
+    bos: bool  # the authors' ids start with BOS: the template writes it
+    prepend: str  # Metaspace prepend_scheme: "always" (legacy), "first" (non-legacy), "never" (no dummy
+    # prefix); "" leaves a tokenizer without a Metaspace pre-tokenizer as it is
+    fresh: str  # what the template writes where the authors tokenize a fresh string: " " or ""
+
+
+def authors_fast_tokenizer(ckpt: OriginalCheckpoint) -> bool:
+    """Whether the authors' builder loads a fast tokenizer (`builder.py`: `mpt` in the name, or `mistral` in
+    the name of a full model); otherwise it loads the slow one."""
+    name = ckpt.name.lower()
+    return "mpt" in name or ("mistral" in name and ckpt.form not in ("lora", "projector"))
+
+
+def authors_prefix_legacy(ckpt: OriginalCheckpoint) -> bool:
+    """Whether the authors' tokenizer starts the text after every special token with "▁".
+
+    The slow tokenizer does when `legacy` is true or unset. A fast one follows its tokenizer.json, and
+    transformers 4.36 builds a missing tokenizer.json the legacy way whatever `legacy` says."""
+    if authors_fast_tokenizer(ckpt):
+        path = ckpt.tokenizer_dir / "tokenizer.json"
+        if path.is_file():
+            return '"first"' not in json.dumps(read_json(path).get("pre_tokenizer"))
+        return True
+    return authors_legacy(ckpt.tokenizer_dir)
+
+
+def prompt_style(ckpt: OriginalCheckpoint, tok) -> PromptStyle:
+    """The `PromptStyle` for the original tokenizer TOK (loaded by `load_tokenizer`)."""
+    ids = tok("a").input_ids
+    bos = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
+    if "Metaspace" not in str(tok.backend_tokenizer.pre_tokenizer):  # not a SentencePiece-style tokenizer.json
+        return PromptStyle(bos=bos, prepend="", fresh="")
+    if not authors_prefix_legacy(ckpt):
+        return PromptStyle(bos=bos, prepend="first", fresh=" ")
+    return PromptStyle(bos=bos, prepend="always" if spm_dummy_prefix(ckpt.tokenizer_dir) else "never", fresh="")
+
+
+def _apply_style(tok, style: PromptStyle) -> None:
+    """Set the tokenizer's SentencePiece prefix rule and drop its automatic BOS (the template writes it)."""
+    from tokenizers import pre_tokenizers
+
+    backend = tok.backend_tokenizer
+    if style.prepend:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=style.prepend, split=False)
+        if style.prepend == "first":
+            backend.normalizer = None  # the Metaspace replaces spaces; no extra "▁" before a leading space
+    tok.add_bos_token = False
 
 
 def build_tokenizer(ckpt: OriginalCheckpoint, vocab: Vocab):
     """The original tokenizer, the tokens the authors' builder adds (`<im_patch>`, `<im_start>`, `<im_end>`)
-    at the ids it gives them, then `<image>` (the next id) and `<pad>` (the one after)."""
+    at the ids it gives them, then `<image>` (the next id) and `<pad>` (the one after); with its `PromptStyle`."""
     from tokenizers import AddedToken
 
-    tok = load_tokenizer(ckpt.tokenizer_dir, legacy=prefix_after_specials(ckpt))
+    tok = load_tokenizer(ckpt.tokenizer_dir, legacy=authors_prefix_legacy(ckpt))
+    style = prompt_style(ckpt, tok)
     if len(tok) + len(vocab.added) != vocab.image_token_id:
         raise LlavaConvertError(
             f"{ckpt.tokenizer_dir}: the tokenizer has {len(tok)} tokens but model.embed_tokens.weight has "
@@ -160,7 +211,9 @@ def build_tokenizer(ckpt: OriginalCheckpoint, vocab: Vocab):
     max_len = ckpt.config.get("tokenizer_model_max_length")
     if max_len:
         tok.model_max_length = int(max_len)
-    return tok
+    tok.padding_side = "left"  # batched generation
+    _apply_style(tok, style)
+    return tok, style
 
 
 def _image_kwargs(tower: VisionTower) -> dict[str, Any]:
@@ -282,12 +335,16 @@ def build_processor(
     """A `LlavaProcessor` / `LlavaNextProcessor` that reproduces the authors' preprocessing and prompts."""
     from transformers import LlavaImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
-    tok = build_tokenizer(ckpt, vocab)
-    # run_llava.py: with mm_use_im_start_end the image goes in as <im_start><image><im_end>.
-    image_text = (
-        IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN + "\n" if ckpt.config.get("mm_use_im_start_end") else IMAGE_TOKEN + "\n"
+    tok, style = build_tokenizer(ckpt, vocab)
+    # run_llava.py: with mm_use_im_start_end the image goes in as <im_start><image><im_end> (no text follows
+    # <image> directly, and the fresh string after it starts with a special token: no "▁").
+    if ckpt.config.get("mm_use_im_start_end"):
+        image_text = IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN + "\n"
+    else:
+        image_text = IMAGE_TOKEN + style.fresh + "\n"
+    template = template_for(
+        chat_template_name(ckpt, chat_template), image_text=image_text, bos=style.bos, start=style.fresh
     )
-    template = template_for(chat_template_name(ckpt, chat_template), image_text=image_text)
     common = dict(
         tokenizer=tok,
         patch_size=tower.config["patch_size"],
@@ -302,3 +359,85 @@ def build_processor(
     aspect = ckpt.config.get("image_aspect_ratio", "square")
     image_processor = LlavaImageProcessor(do_pad=aspect == "pad", **kw)
     return LlavaProcessor(image_processor=image_processor, **common)
+
+
+def _token_entry(tok, token_id: int) -> dict[str, Any]:
+    t = tok.added_tokens_decoder[token_id]
+    return {
+        "content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+        "single_word": t.single_word, "special": t.special,
+    }
+
+
+def _compat_tokenizer_json(path: Path) -> None:
+    """Spell tokenizer.json so that tokenizers 0.15 (transformers 4.36-4.39) reads it too, with the same
+    tokens: BPE merges as "a b" strings (the form every version reads), and the Metaspace pre-tokenizer's
+    `add_prefix_space` next to `prepend_scheme` (0.15 requires it; newer versions read it as the scheme)."""
+    data = json.loads(path.read_text())
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if merges and all(isinstance(m, list) and not any(" " in part for part in m) for m in merges):
+        model["merges"] = [" ".join(m) for m in merges]
+    pre = data.get("pre_tokenizer") or {}
+    for p in [pre, *pre.get("pretokenizers", [])]:
+        if p.get("type") == "Metaspace":
+            p["add_prefix_space"] = p.get("prepend_scheme") != "never"
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_tokenizer_files(processor, out: Path, tokenizer_dir: Path) -> None:
+    """Rewrite the tokenizer and processor files `save_pretrained` left in OUT into the llava-hf set that
+    transformers 4.x and 5.x both read.
+
+    - tokenizer_config.json: a class every version knows (`LlamaTokenizer`: 4.x picks its fast twin and
+      reads tokenizer.json, 5.x reads tokenizer.json for llava models whatever the class), no automatic BOS
+      (the chat template writes it), the special tokens, no save-time fields (`is_local`, `backend`, ...)
+      and no `add_prefix_space` (4.x would rebuild the tokenizer from tokenizer.model with it).
+    - special_tokens_map.json, tokenizer.model (the original SentencePiece model, when there is one).
+    - preprocessor_config.json: the image processor (4.x reads it only from there); processor_config.json
+      keeps the processor's own settings.
+    - chat_template.json next to chat_template.jinja (4.x before 4.50 read only the JSON form).
+    """
+    import shutil
+
+    tok = processor.tokenizer
+    sp_model = tokenizer_dir / "tokenizer.model"
+    if sp_model.is_file():
+        shutil.copyfile(sp_model, out / "tokenizer.model")
+    specials = {
+        k: v for k in ("bos_token", "eos_token", "unk_token", "pad_token") if (v := getattr(tok, k, None)) is not None
+    }
+    cfg: dict[str, Any] = {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "added_tokens_decoder": {str(i): _token_entry(tok, i) for i in sorted(tok.added_tokens_decoder)},
+        **specials,
+        "clean_up_tokenization_spaces": False,
+        "legacy": '"first"' not in str(tok.backend_tokenizer.pre_tokenizer.__getstate__()),
+        "model_max_length": int(tok.model_max_length),
+        "padding_side": "left",
+        "processor_class": type(processor).__name__,
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizer" if sp_model.is_file() else "LlamaTokenizerFast",
+        "use_default_system_prompt": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    by_content = {t.content: i for i, t in tok.added_tokens_decoder.items()}
+    stm = {}
+    for k, v in specials.items():
+        entry = _token_entry(tok, by_content[v]) if v in by_content else {"content": v}
+        entry.pop("special", None)
+        stm[k] = entry
+    (out / "special_tokens_map.json").write_text(json.dumps(stm, indent=2, ensure_ascii=False) + "\n")
+
+    _compat_tokenizer_json(out / "tokenizer.json")
+
+    proc_path = out / "processor_config.json"
+    proc_cfg = json.loads(proc_path.read_text())
+    image_cfg = proc_cfg.pop("image_processor", None) or processor.image_processor.to_dict()
+    image_cfg["processor_class"] = type(processor).__name__
+    (out / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=2, sort_keys=True) + "\n")
+    proc_path.write_text(json.dumps(proc_cfg, indent=2, sort_keys=True) + "\n")
+    template = (out / "chat_template.jinja").read_text()
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")

@@ -2,7 +2,9 @@
 
 `apply_chat_template(messages, add_generation_prompt=True)` renders the same string as the authors'
 `Conversation.get_prompt()` for the same turns, with an image item rendered as `<image>\\n` before the
-text as the authors' `run_llava.py` does. The tokenizer adds BOS, as the authors' tokenizer does.
+text as the authors' `run_llava.py` does. A converted checkpoint's template also writes `bos_token` first
+when the authors' ids start with BOS, and a space where they tokenize a fresh string (see
+`processor.PromptStyle`), so that the rendered prompt tokenizes to the authors' ids.
 """
 
 from __future__ import annotations
@@ -131,15 +133,20 @@ TEMPLATES: dict[str, str] = {
 }
 
 
-def template_for(name: str, *, image_text: str = "<image>\n") -> str:
-    """The Jinja chat template for one of the authors' conversation modes."""
+def template_for(name: str, *, image_text: str = "<image>\n", bos: bool = False, start: str = "") -> str:
+    """The Jinja chat template for one of the authors' conversation modes.
+
+    IMAGE_TEXT is what an image item renders as; with BOS the prompt starts with `bos_token`, then START."""
     try:
         tpl = TEMPLATES[name]
     except KeyError:
         raise LlavaConvertError(
             f"unknown chat template {name!r} (known: {', '.join(sorted(TEMPLATES))})"
         ) from None
-    return "{%- set IMAGE = " + repr(image_text) + " -%}" + tpl
+    head = "{%- set IMAGE = " + repr(image_text) + " -%}"
+    if bos:
+        head += "{{- bos_token + " + repr(start) + " -}}"
+    return head + tpl
 
 
 # `llava/eval/run_llava.py`: the first of these substrings found in the lower-cased model name picks the mode;

@@ -142,13 +142,18 @@ def test_correct_conversion_passes(v15, tmp_path):
         "logits",
     ]
     assert all(s["ok"] for s in rep["images"][0]["stages"])
-    assert rep["versions"]["torch"] == torch.__version__
+    # The installed distribution's version; torch.__version__ may add a local build tag (+cpu, +cu130).
+    from importlib import metadata
+
+    assert rep["versions"]["torch"] == metadata.version("torch")
+    assert torch.__version__.split("+")[0] == rep["versions"]["torch"].split("+")[0]
     assert rep["versions"]["transformers"]
     import hashlib
 
     sha = hashlib.sha256((ckpt / "pytorch_model.bin.index.json").read_bytes()).hexdigest()
     assert rep["sources"]["original"]["pytorch_model.bin.index.json"] == sha
-    assert set(rep["sources"]["converted"]) >= {"config.json", "processor_config.json", "chat_template.jinja"}
+    assert set(rep["sources"]["converted"]) >= {
+        "config.json", "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja"}
 
 
 def test_next_conversion_passes_with_several_images(v16):
@@ -253,7 +258,7 @@ def test_swapped_decoder_layers(v15, tmp_path):
 def test_pad_replaced_by_crop(v15, tmp_path):
     ckpt, hf = v15
     bad = broken(hf, tmp_path)
-    edit_json(bad / "processor_config.json", lambda c: c["image_processor"].update(do_pad=False))
+    edit_json(bad / "preprocessor_config.json", lambda c: c.update(do_pad=False))
     _fails_at(ckpt, bad, "pixel_values", "pixel_values differ: pad vs centre-crop?")
 
 
@@ -261,6 +266,7 @@ def test_wrong_chat_template(v15, tmp_path):
     ckpt, hf = v15
     bad = broken(hf, tmp_path)
     (bad / "chat_template.jinja").write_text(template_for("llava_llama_2"))
+    (bad / "chat_template.json").write_text(json.dumps({"chat_template": template_for("llava_llama_2")}))
     r = _fails_at(ckpt, bad, "prompt ids", "prompt ids differ: wrong chat template?")
     assert "renders the authors' 'llava_llama_2'" in r.output
 

@@ -78,6 +78,14 @@ transformers.utils.logging.disable_progress_bar()
 
 FORMAT_VERSION = 1
 QUESTION = "What is shown in this image?"
+# A 3-turn chat, the image in the first user turn (the authors' ids via Conversation.get_prompt()).
+MULTI_TURN = (
+    QUESTION,
+    "It is a small picture with a few colours.",
+    "Which colour covers most of it?",
+    "Mostly blue, with some red near the top.",
+    "Describe it in one word.",
+)
 MAX_NEW_TOKENS = 8
 HEAD_GAIN = 3.0
 ROW_SPREAD = 0.5
@@ -893,6 +901,15 @@ def make_reference(case: str, ckpt_dir: Path, *, model_base: Path | None = None,
     assert int((input_ids == IMAGE_TOKEN_INDEX).sum()) == 1
     image_pos = int((input_ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
 
+    # Multi-turn: user (image + question), assistant, user, assistant, user, then the generation prompt.
+    mt = conv_templates[conv_mode].copy()
+    for i, text in enumerate(MULTI_TURN):
+        mt.append_message(mt.roles[i % 2], qs.replace(QUESTION, text) if i == 0 else text)
+    mt.append_message(mt.roles[1], None)
+    mt_prompt = mt.get_prompt()
+    mt_ids = tokenizer_image_token(mt_prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+    assert int((mt_ids == IMAGE_TOKEN_INDEX).sum()) == 1
+
     per_image: dict[str, dict] = {}
     for img_name, image in test_images(CASES[case].get("images")).items():
         image_sizes = [image.size]
@@ -968,6 +985,7 @@ def make_reference(case: str, ckpt_dir: Path, *, model_base: Path | None = None,
         "question": QUESTION,
         "prompt": prompt,
         "max_new_tokens": MAX_NEW_TOKENS,
+        "multi_turn": {"turns": list(MULTI_TURN), "prompt": mt_prompt, "input_ids": mt_ids.clone()},
         "tokenizer_class": type(tokenizer).__name__,
         "context_len": int(context_len),
         "loaded_dtypes": loaded,
