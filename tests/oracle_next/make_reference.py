@@ -45,6 +45,7 @@ Everything is seeded; two runs give identical ``reference.pt`` tensors.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -371,9 +372,11 @@ def build_hub_cache(root: Path) -> dict:
     }, indent=2) + "\n")
     put_in_hub_cache(cache, SIGLIP_ID, d)
 
-    # openai/clip-vit-large-patch14-336: a full CLIPModel as pytorch_model.bin with the full config and the
-    # legacy preprocessor_config.json (REFERENCE.md 4); 336 px / patch 14 kept so the released (w, h)
-    # pinpoints (multiples of 336) stay verbatim.
+    # openai/clip-vit-large-patch14-336: a full CLIPModel with the full config and the legacy
+    # preprocessor_config.json (REFERENCE.md 4); 336 px / patch 14 kept so the released (w, h) pinpoints
+    # (multiples of 336) stay verbatim. Weights as model.safetensors, not the release's pytorch_model.bin:
+    # transformers 4.40 answers a cached .bin with a Hub request for a safetensors conversion (``has_file``),
+    # which fails offline.
     text = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 max_position_embeddings=16, projection_dim=16, pad_token_id=1, bos_token_id=97, eos_token_id=98)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=336,
@@ -382,7 +385,7 @@ def build_hub_cache(root: Path) -> dict:
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     init_params(clip, torch.Generator().manual_seed(11), gain=1.5)
     d = staging / "clip336"
-    clip.save_pretrained(d, safe_serialization=False)
+    clip.save_pretrained(d, safe_serialization=True)
     clip.config.to_json_file(d / "config.json", use_diff=False)
     (d / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
@@ -504,7 +507,7 @@ CASES: dict[str, dict] = {
     # anyres_max_9 with the range grid, the tower trained (inside the checkpoint, differs from the Hub tower).
     "ov_05b": dict(
         seed=301, dir_name="llava-onevision-qwen2-tiny-ov", cls="qwen", conv="qwen_1_5", tokenizer="qwen",
-        tower="siglip", train_tower=True, shard="2MB",
+        tower="siglip", train_tower=True, shard=None,
         config={**_OV_COMMON, **TINY_QWEN, **QWEN_TOKENS,
                 "_name_or_path": "/mnt/bn/vl-research/checkpoints/onevision/llavanext-google_siglip-so400m-patch14-"
                                  "384-Qwen_Qwen2-0.5B-Instruct-mid_to_final_3m",
@@ -515,7 +518,7 @@ CASES: dict[str, dict] = {
     # LLaVA-OneVision 7b/72b (lmms-lab/llava-onevision-qwen2-7b-ov): untied lm_head, pinpoints as the list.
     "ov_7b": dict(
         seed=302, dir_name="llava-onevision-qwen2-tiny-7b-ov", cls="qwen", conv="qwen_1_5", tokenizer="qwen",
-        tower="siglip", train_tower=True, shard="2MB",
+        tower="siglip", train_tower=True, shard="150KB",
         config={**_OV_COMMON, **TINY_QWEN, **QWEN_TOKENS,
                 "_name_or_path": "lmms-lab/llava-onevision-qwen2-7b-ov",
                 "image_grid_pinpoints": OV_PINPOINTS_LIST, "max_window_layers": 2, "mm_hidden_size": 32,
@@ -539,7 +542,7 @@ CASES: dict[str, dict] = {
     # llava_llama_3 template (rendered by the Llama-3 tokenizer's chat template).
     "llama3": dict(
         seed=304, dir_name="llama3-llava-next-tiny", cls="llama", conv="llava_llama_3", tokenizer="llama3",
-        tower="clip336", train_tower=True, shard="2MB",
+        tower="clip336", train_tower=True, shard="150KB",
         config={
             "_name_or_path": "/mnt/bn/vl-research-boli01-cn/workspace/zzz/projects/zzz/llava_next/project_checkpoints/"
                              "llavanext-openai_clip-vit-large-patch14-336-meta-llama_Meta-Llama-3-8B-Instruct-"
@@ -564,7 +567,7 @@ CASES: dict[str, dict] = {
     # anyres, qwen_1_5 template, safetensors shards + index.
     "next72b": dict(
         seed=305, dir_name="llava-next-tiny-72b", cls="qwen", conv="qwen_1_5", tokenizer="qwen",
-        tower="clip336", train_tower=True, shard="2MB",
+        tower="clip336", train_tower=True, shard="150KB",
         config={**_NEXT_QWEN_COMMON, **TINY_QWEN, **QWEN_TOKENS,
                 "_name_or_path": "Qwen/Qwen1.5-72B-Chat", "image_grid_pinpoints": NEXT_336_PINPOINTS,
                 "max_window_layers": 2, "mm_hidden_size": 32,
@@ -678,7 +681,9 @@ def make_reference(case: str, spec: dict, ckpt: Path) -> dict:
     assert n_vocab == len(tokenizer)
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
-    conv = conv_templates[spec["conv"]].copy()
+    # copy.deepcopy as the LLaVA-NeXT examples do: Conversation.copy() drops the tokenizer that the
+    # llava_llama_3 template renders with (its get_prompt then raises).
+    conv = copy.deepcopy(conv_templates[spec["conv"]])
     conv.append_message(conv.roles[0], DEFAULT_IMAGE_TOKEN + "\n" + QUESTION)
     conv.append_message(conv.roles[1], None)
     prompt = conv.get_prompt()

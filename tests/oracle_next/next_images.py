@@ -7,7 +7,7 @@ authors' ``prepare_inputs_labels_for_multimodal``:
 
 * ``landscape`` 700x300  -> 768x384 grid (2x1), unpad drops rows, no downscale
 * ``portrait``  300x700  -> 384x768 grid (1x2), unpad drops columns, no downscale
-* ``wide``      1600x250 -> 1536x384 grid (4x1), very wide: unpad keeps few rows
+* ``wide``      1600x250 -> 1920x384 grid (5x1), very wide: unpad keeps few rows
 * ``large``     1500x1200 -> 1536x1536 grid (4x4): after unpad more than 1.1 x 9 crops of features,
                 so the authors' bilinear downscale (``times > 1.1``) runs
 
