@@ -17,4 +17,5 @@ if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
 "$VENV/bin/pip" install -q --no-deps llavaction==0.0.1
 "$VENV/bin/pip" install -q "transformers==4.40.2" "tokenizers>=0.19,<0.20" "huggingface-hub<1" \
     safetensors pillow einops numpy accelerate==0.30.1
-"$VENV/bin/python" -c "import llavaction.model, llavaction.conversation, llavaction.mm_utils"
+# Offline: llavaction.conversation fetches a Llama-3 tokenizer from the Hub at import.
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -c "import llavaction.model, llavaction.conversation, llavaction.mm_utils"
