@@ -132,8 +132,12 @@ def test_records_are_self_consistent(case):
         seq = ids.numel() - 1 + r["num_image_tokens"]
         assert tuple(r["logits"].shape) == (seq, ref["logits_vocab"]), img
         assert r["logits"].isfinite().all()
-        # Greedy generation continues the recorded forward pass.
-        assert r["generated"].numel() == ref["max_new_tokens"]
+        # Greedy generation continues the recorded forward pass (and stops early only on an eos id).
+        n_gen = r["generated"].numel()
+        eos = ref["generation_config"]["eos_token_id"]
+        eos = eos if isinstance(eos, list) else [eos]
+        assert n_gen == ref["max_new_tokens"] or int(r["generated"][-1]) in eos, img
+        assert not any(int(t) in eos for t in r["generated"][:-1]), img
         torch.testing.assert_close(r["generated_scores"][0], r["logits"][-1], atol=1e-4, rtol=1e-4)
         assert int(r["logits"][-1].argmax()) == int(r["generated"][0])
         assert (r["generated_scores"].argmax(-1) == r["generated"]).all()

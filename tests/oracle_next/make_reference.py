@@ -506,6 +506,21 @@ _NEXT_QWEN_COMMON = {
     "use_sliding_window": False,
 }
 TINY_QWEN = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+# generation_config.json of lmms-lab/llava-onevision-qwen2-{7b,72b}-ov-chat (stored Hub pages, 294 bytes; the
+# 7b-ov / llava-next-72b / interleave-7b files have the same size), token ids shrunk. generate() applies it:
+# the authors' greedy runs (do_sample=False) still get repetition_penalty 1.05 and stop at either eos id.
+QWEN_CHAT_GENERATION_CONFIG = {
+    "attn_implementation": "flash_attention_2",
+    "bos_token_id": QWEN_BASE_VOCAB,
+    "do_sample": True,
+    "eos_token_id": [QWEN_BASE_VOCAB + 2, QWEN_BASE_VOCAB],
+    "pad_token_id": QWEN_BASE_VOCAB,
+    "repetition_penalty": 1.05,
+    "temperature": 0.7,
+    "top_k": 20,
+    "top_p": 0.8,
+    "transformers_version": "4.40.0.dev0",
+}
 QWEN_TOKENS = {"bos_token_id": QWEN_BASE_VOCAB, "eos_token_id": QWEN_BASE_VOCAB + 2}  # <|endoftext|>, <|im_end|>
 
 CASES: dict[str, dict] = {
@@ -524,7 +539,7 @@ CASES: dict[str, dict] = {
     # LLaVA-OneVision 7b/72b (lmms-lab/llava-onevision-qwen2-7b-ov): untied lm_head, pinpoints as the list.
     "ov_7b": dict(
         seed=302, dir_name="llava-onevision-qwen2-tiny-7b-ov", cls="qwen", conv="qwen_1_5", tokenizer="qwen",
-        tower="siglip", train_tower=True, shard="150KB",
+        tower="siglip", train_tower=True, shard="150KB", generation_config=QWEN_CHAT_GENERATION_CONFIG,
         config={**_OV_COMMON, **TINY_QWEN, **QWEN_TOKENS,
                 "_name_or_path": "lmms-lab/llava-onevision-qwen2-7b-ov",
                 "image_grid_pinpoints": OV_PINPOINTS_LIST, "max_window_layers": 2, "mm_hidden_size": 32,
@@ -573,7 +588,7 @@ CASES: dict[str, dict] = {
     # anyres, qwen_1_5 template, safetensors shards + index.
     "next72b": dict(
         seed=305, dir_name="llava-next-tiny-72b", cls="qwen", conv="qwen_1_5", tokenizer="qwen",
-        tower="clip336", train_tower=True, shard="150KB",
+        tower="clip336", train_tower=True, shard="150KB", generation_config=QWEN_CHAT_GENERATION_CONFIG,
         config={**_NEXT_QWEN_COMMON, **TINY_QWEN, **QWEN_TOKENS,
                 "_name_or_path": "Qwen/Qwen1.5-72B-Chat", "image_grid_pinpoints": NEXT_336_PINPOINTS,
                 "max_window_layers": 2, "mm_hidden_size": 32,
@@ -624,10 +639,11 @@ def build_checkpoint(spec: dict, case_dir: Path) -> Path:
     model.save_pretrained(ckpt, safe_serialization=True, **kwargs)
     # config.json: the release's keys and values (not 4.40's full dump of every PretrainedConfig default).
     (ckpt / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-    (ckpt / "generation_config.json").write_text(json.dumps({
+    gen_cfg = spec.get("generation_config") or {
         "bos_token_id": cfg_dict["bos_token_id"], "eos_token_id": cfg_dict["eos_token_id"],
         "transformers_version": cfg_dict["transformers_version"],
-    }, indent=2) + "\n")
+    }
+    (ckpt / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     return ckpt
 
 
@@ -760,6 +776,7 @@ def make_reference(case: str, spec: dict, ckpt: Path) -> dict:
         "question": QUESTION,
         "prompt": prompt,
         "max_new_tokens": MAX_NEW_TOKENS,
+        "generation_config": json.loads((ckpt / "generation_config.json").read_text()),
         "tokenizer_class": type(tokenizer).__name__,
         "len_tokenizer": len(tokenizer),
         "config_vocab_size": int(spec["config"]["vocab_size"]),
