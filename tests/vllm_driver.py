@@ -1,0 +1,194 @@
+"""Serve converted checkpoints with vLLM; run by the vLLM environment's python (scripts/envs/40-vllm.sh).
+
+    .venv-vllm/bin/python tests/vllm_driver.py SPEC.json OUT.json
+
+SPEC: {"max_tokens": 8, "max_model_len": 256, "startup_timeout": s, "request_timeout": s,
+       "cases": [{"name", "model": converted dir, "prompt": chat-template text, "question",
+                  "images": {name: PNG path}}]}
+
+For each case, twice, greedy (temperature 0, EOS ignored so that every run yields `max_tokens` ids):
+  - offline: `LLM(model).generate({"prompt": prompt, "multi_modal_data": {"image": image}})` per image;
+  - server: `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 (a free port), each image sent to
+    /v1/chat/completions as a data: URL with the question, the server rendering the chat template itself.
+OUT: {case: {"llm" | "server": {image: {"prompt_ids", "tokens"[, "prompt_text"]}} or {"error": text}}}.
+Each engine start costs seconds of imports and warm-up, so one process runs every case; a failing case
+records its error and the others still run. Every server is killed (its process group) before the next.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+# The offline engine runs in this process (no engine-core subprocess to start and import vLLM again).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tiny models need little
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def engine_args(spec: dict) -> dict:
+    return {
+        "dtype": "float32",
+        "enforce_eager": True,  # no torch.compile: minutes on 2 cores, and the same math
+        "max_model_len": spec["max_model_len"],
+        "limit_mm_per_prompt": {"image": 1},
+        "seed": 0,
+    }
+
+
+def run_offline(case: dict, spec: dict) -> dict:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=case["model"], **engine_args(spec))
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+        names = list(case["images"])
+        requests = [
+            {"prompt": case["prompt"], "multi_modal_data": {"image": Image.open(case["images"][n]).convert("RGB")}}
+            for n in names
+        ]
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        return {
+            n: {"prompt_ids": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids)}
+            for n, o in zip(names, outputs, strict=True)
+        }
+    finally:
+        shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if shutdown is not None and hasattr(shutdown, "shutdown"):
+            shutdown.shutdown()
+        del llm
+        gc.collect()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"HTTP {e.code} from {url}: {e.read().decode(errors='replace')[:2000]}") from None
+
+
+def _wait_ready(proc: subprocess.Popen, base: str, deadline: float, log: Path) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"server not ready in time:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # the engine core and any helper it left in the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=20)
+
+
+def run_server(case: dict, spec: dict, workdir: Path) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = engine_args(spec)
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", case["model"],
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", args["dtype"], "--enforce-eager",
+        "--max-model-len", str(args["max_model_len"]), "--limit-mm-per-prompt", json.dumps(args["limit_mm_per_prompt"]),
+        "--seed", str(args["seed"]),
+        "--distributed-executor-backend", "uni",  # the model runs in the engine-core process: one start less
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    log = workdir / f"server-{case['name']}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    try:
+        _wait_ready(proc, base, time.monotonic() + spec["startup_timeout"], log)
+        model = _post_models(base)
+        results = {}
+        for name, path in case["images"].items():
+            url = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": case["question"]},
+                ]}],
+                "temperature": 0.0,
+                "max_tokens": spec["max_tokens"],
+                "ignore_eos": True,
+                "return_token_ids": True,
+                "return_prompt_text": True,
+            }
+            resp = _post(base + "/v1/chat/completions", body, spec["request_timeout"])
+            choice = resp["choices"][0]
+            results[name] = {
+                "prompt_ids": resp["prompt_token_ids"],
+                "tokens": choice["token_ids"],
+                "prompt_text": resp.get("prompt_text"),
+            }
+        return results
+    finally:
+        _stop(proc)
+
+
+def _post_models(base: str) -> str:
+    with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
+        return json.loads(r.read())["data"][0]["id"]
+
+
+def main(argv: list[str]) -> int:
+    spec_path, out_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text())
+    # On SIGTERM (the test's timeout) unwind, so that the running server is stopped by run_server's finally.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir = out_path.parent
+    result: dict = {}
+    for case in spec["cases"]:
+        result[case["name"]] = {}
+        for path, run in (("llm", lambda c: run_offline(c, spec)), ("server", lambda c: run_server(c, spec, workdir))):
+            t0 = time.monotonic()
+            try:
+                result[case["name"]][path] = run(case)
+            except Exception:  # noqa: BLE001 - recorded for the test to report; the other cases still run
+                result[case["name"]][path] = {"error": traceback.format_exc()[-4000:]}
+            seconds = time.monotonic() - t0
+            result.setdefault("_seconds", {})[f"{case['name']}/{path}"] = round(seconds, 1)
+            print(f"{case['name']} {path}: {seconds:.1f}s", file=sys.stderr, flush=True)
+            out_path.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
