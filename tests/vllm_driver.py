@@ -4,7 +4,7 @@
 
 SPEC: {"max_tokens": 8, "max_model_len": 256, "startup_timeout": s, "request_timeout": s,
        "cases": [{"name", "model": converted dir, "prompt": chat-template text, "question",
-                  "images": {name: PNG path}}]}
+                  "images": {name: PNG path}[, "paths": ["llm", "server"] (the default)]}]}
 
 For each case, twice, greedy (temperature 0, EOS ignored so that every run yields `max_tokens` ids):
   - offline: `LLM(model).generate({"prompt": prompt, "multi_modal_data": {"image": image}})` per image;
@@ -12,7 +12,8 @@ For each case, twice, greedy (temperature 0, EOS ignored so that every run yield
     /v1/chat/completions as a data: URL with the question, the server rendering the chat template itself.
 OUT: {case: {"llm" | "server": {image: {"prompt_ids", "tokens"[, "prompt_text"]}} or {"error": text}}}.
 Each engine start costs seconds of imports and warm-up, so one process runs every case; a failing case
-records its error and the others still run. Every server is killed (its process group) before the next.
+records its error and the others still run. At most two servers run at once (the next one starts while the
+previous one answers); each is killed with its process group when done, and every one on exit or SIGTERM.
 """
 
 from __future__ import annotations
@@ -73,10 +74,18 @@ def run_offline(case: dict, spec: dict) -> dict:
         gc.collect()
 
 
+_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1, never one handed out before (two servers may be starting at once)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS:
+            _PORTS.add(port)
+            return port
 
 
 def _post(url: str, body: dict, timeout: float) -> dict:
@@ -88,105 +97,134 @@ def _post(url: str, body: dict, timeout: float) -> dict:
         raise RuntimeError(f"HTTP {e.code} from {url}: {e.read().decode(errors='replace')[:2000]}") from None
 
 
-def _wait_ready(proc: subprocess.Popen, base: str, deadline: float, log: Path) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"server not ready in time:\n{log.read_text(errors='replace')[-4000:]}")
+class Server:
+    """`python -m vllm.entrypoints.openai.api_server` for one case, in its own process group."""
 
+    def __init__(self, case: dict, spec: dict, workdir: Path):
+        self.case, self.spec = case, spec
+        self.base = f"http://127.0.0.1:{free_port()}"
+        args = engine_args(spec)
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", case["model"],
+            "--host", "127.0.0.1", "--port", self.base.rsplit(":", 1)[1], "--dtype", args["dtype"],
+            "--enforce-eager", "--max-model-len", str(args["max_model_len"]),
+            "--limit-mm-per-prompt", json.dumps(args["limit_mm_per_prompt"]), "--seed", str(args["seed"]),
+            "--distributed-executor-backend", "uni",  # the model runs in the engine-core process: one start less
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        self.log = workdir / f"server-{case['name']}.log"
+        self.deadline = time.monotonic() + spec["startup_timeout"]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # the engine core and any helper it left in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=20)
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
 
+    def wait_ready(self) -> None:
+        while time.monotonic() < self.deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self._log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"server not ready in {self.spec['startup_timeout']}s:\n{self._log_tail()}")
 
-def run_server(case: dict, spec: dict, workdir: Path) -> dict:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    args = engine_args(spec)
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", case["model"],
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", args["dtype"], "--enforce-eager",
-        "--max-model-len", str(args["max_model_len"]), "--limit-mm-per-prompt", json.dumps(args["limit_mm_per_prompt"]),
-        "--seed", str(args["seed"]),
-        "--distributed-executor-backend", "uni",  # the model runs in the engine-core process: one start less
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    log = workdir / f"server-{case['name']}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-    try:
-        _wait_ready(proc, base, time.monotonic() + spec["startup_timeout"], log)
-        model = _post_models(base)
+    def chat(self) -> dict:
+        with urllib.request.urlopen(self.base + "/v1/models", timeout=30) as r:
+            model = json.loads(r.read())["data"][0]["id"]
         results = {}
-        for name, path in case["images"].items():
+        for name, path in self.case["images"].items():
             url = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
             body = {
                 "model": model,
                 "messages": [{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": case["question"]},
+                    {"type": "text", "text": self.case["question"]},
                 ]}],
                 "temperature": 0.0,
-                "max_tokens": spec["max_tokens"],
+                "max_tokens": self.spec["max_tokens"],
                 "ignore_eos": True,
                 "return_token_ids": True,
                 "return_prompt_text": True,
             }
-            resp = _post(base + "/v1/chat/completions", body, spec["request_timeout"])
-            choice = resp["choices"][0]
+            resp = _post(self.base + "/v1/chat/completions", body, self.spec["request_timeout"])
             results[name] = {
                 "prompt_ids": resp["prompt_token_ids"],
-                "tokens": choice["token_ids"],
+                "tokens": resp["choices"][0]["token_ids"],
                 "prompt_text": resp.get("prompt_text"),
             }
         return results
-    finally:
-        _stop(proc)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # the engine core and anything else left in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=20)
 
 
-def _post_models(base: str) -> str:
-    with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
-        return json.loads(r.read())["data"][0]["id"]
+def _record(result: dict, out_path: Path, case: str, path: str, run, t0: float) -> None:
+    try:
+        result[case][path] = run()
+    except Exception:  # noqa: BLE001 - recorded for the test to report; the other cases still run
+        result[case][path] = {"error": traceback.format_exc()[-4000:]}
+    seconds = time.monotonic() - t0
+    result["_seconds"][f"{case}/{path}"] = round(seconds, 1)
+    print(f"{case} {path}: {seconds:.1f}s", file=sys.stderr, flush=True)
+    out_path.write_text(json.dumps(result, indent=1))
 
 
 def main(argv: list[str]) -> int:
     spec_path, out_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
-    # On SIGTERM (the test's timeout) unwind, so that the running server is stopped by run_server's finally.
+    # On SIGTERM (the test's timeout) unwind, so that the finally below stops every server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = out_path.parent
-    result: dict = {}
-    for case in spec["cases"]:
-        result[case["name"]] = {}
-        for path, run in (("llm", lambda c: run_offline(c, spec)), ("server", lambda c: run_server(c, spec, workdir))):
-            t0 = time.monotonic()
-            try:
-                result[case["name"]][path] = run(case)
-            except Exception:  # noqa: BLE001 - recorded for the test to report; the other cases still run
-                result[case["name"]][path] = {"error": traceback.format_exc()[-4000:]}
-            seconds = time.monotonic() - t0
-            result.setdefault("_seconds", {})[f"{case['name']}/{path}"] = round(seconds, 1)
-            print(f"{case['name']} {path}: {seconds:.1f}s", file=sys.stderr, flush=True)
-            out_path.write_text(json.dumps(result, indent=1))
+    cases = spec["cases"]
+    result: dict = {"_seconds": {}, **{c["name"]: {} for c in cases}}
+    served = [c for c in cases if "server" in c.get("paths", ["llm", "server"])]
+    # A server start is mostly single-threaded imports (in the server and again in its engine-core process):
+    # the next server starts while this process runs the offline engines or queries the previous server.
+    servers: dict[str, Server] = {}
+    t_start: dict[str, float] = {}
+
+    def start(i: int) -> None:
+        if i < len(served):
+            t_start[served[i]["name"]] = time.monotonic()
+            servers[served[i]["name"]] = Server(served[i], spec, workdir)
+
+    try:
+        start(0)
+        for case in cases:
+            if "llm" in case.get("paths", ["llm", "server"]):
+                _record(result, out_path, case["name"], "llm", lambda c=case: run_offline(c, spec), time.monotonic())
+        for i, case in enumerate(served):
+            start(i + 1)
+            server = servers[case["name"]]
+
+            def query(server=server):
+                try:
+                    server.wait_ready()
+                    return server.chat()
+                finally:
+                    server.stop()
+
+            _record(result, out_path, case["name"], "server", query, t_start[case["name"]])
+    finally:
+        for server in servers.values():
+            server.stop()
     return 0
 
 
