@@ -109,14 +109,16 @@ class Server:
             "--host", "127.0.0.1", "--port", self.base.rsplit(":", 1)[1], "--dtype", args["dtype"],
             "--enforce-eager", "--max-model-len", str(args["max_model_len"]),
             "--limit-mm-per-prompt", json.dumps(args["limit_mm_per_prompt"]), "--seed", str(args["seed"]),
-            "--distributed-executor-backend", "uni",  # the model runs in the engine-core process: one start less
+            # The model runs in the engine-core process, not in a third one: one vLLM import less. (On CPU,
+            # vLLM keeps this executor only with VLLM_ENABLE_V1_MULTIPROCESSING=0, set above; the server's
+            # engine core is a separate process whatever that variable says.)
+            "--distributed-executor-backend", "uni",
         ]
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         self.log = workdir / f"server-{case['name']}.log"
         self.deadline = time.monotonic() + spec["startup_timeout"]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
 
     def _log_tail(self) -> str:
