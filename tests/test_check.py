@@ -329,7 +329,7 @@ def test_pinpoints_copied_as_the_authors_wrote_them(v16, tmp_path):
     bad = broken(hf, tmp_path)
     authors = json.loads((ckpt / "config.json").read_text())["image_grid_pinpoints"]
     edit_json(bad / "config.json", lambda c: c.update(image_grid_pinpoints=authors))
-    edit_json(bad / "processor_config.json", lambda c: c["image_processor"].update(image_grid_pinpoints=authors))
+    edit_json(bad / "preprocessor_config.json", lambda c: c.update(image_grid_pinpoints=authors))
     report = check(ckpt, bad, images=[_noise(25, 15)], max_new_tokens=2)
     assert not report.passed
     (im,) = report.images

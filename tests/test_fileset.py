@@ -25,7 +25,10 @@ LLAVA_HF_FILES = {
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
+    "README.md",  # the model card (the llava-hf repos carry one too)
 }
+# Ours besides: the record of every input file the output was made from (README "Guarantees").
+LLAVA_HF_FILES |= {"provenance.json"}
 SAVE_TIME_NOISE = {"is_local", "local_files_only", "backend", "add_prefix_space", "name_or_path", "_commit_hash"}
 
 
