@@ -250,14 +250,17 @@ def test_dropped_connection_fails_then_rerun_uploads_only_the_rest(hub, sharded,
     assert r.returncode == 3, r.stderr
     assert "interrupted while uploading and committing" in r.stderr and "re-running the same command resumes" in r.stderr
     assert set(hub.state.files("alice/flaky")) == {".gitattributes"}  # nothing half-committed
+    # The client uploads objects concurrently and stops at the failure: which others got through varies.
     first = hub.state.lfs_uploads[before:]
-    assert victim not in first and len(first) == len(lfs_oids(local_files(sharded))) - 1
+    assert victim not in first
 
     hub.state.drop_oids.clear()
     before = len(hub.state.lfs_uploads)
     r = cli(hub, tmp_path, "push", sharded, "alice/flaky", "--token", WRITE, "--quiet")
     assert r.returncode == 0, r.stderr
-    assert hub.state.lfs_uploads[before:] == [victim]  # only what the interrupted push had not uploaded
+    again = hub.state.lfs_uploads[before:]
+    # Only what the interrupted push had not uploaded, each object once.
+    assert victim in again and sorted(again) == sorted(lfs_oids(local_files(sharded)) - set(first))
     remote = hub.state.files("alice/flaky")
     assert all(remote[n] == b for n, b in local_files(sharded).items())
 
