@@ -564,6 +564,11 @@ class ConvertedModel:
                     "quantized converted model loaded whole (--low-memory streams the original only)"
                 )
             self.model = self._load()
+            if self.model.dtype != self.dtype:
+                self.notes.append(
+                    f"converted model runs in {str(self.model.dtype).removeprefix('torch.')}, "
+                    f"its stored dtype ({self.quant}-quantized checkpoints load as stored)"
+                )
         self.model.eval()
         cfg = self.model.config
         self.image_token_id = int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
@@ -584,10 +589,14 @@ class ConvertedModel:
                 raise LlavaConvertError(
                     f"{self.path / 'config.json'}: {self.quant}-quantized checkpoint; install bitsandbytes to check it"
                 ) from None
+        # A bitsandbytes checkpoint is loaded as a user loads it, in its stored dtype: transformers casts only
+        # the tensors outside its quantized-weight mapping to a different `dtype` (biases but not the weights
+        # of the modules left unquantized), and that mixed model cannot run.
+        dtype = "auto" if self.quant is not None else self.dtype
         try:
             with quiet():
                 model, info = AutoModelForImageTextToText.from_pretrained(
-                    str(self.path), dtype=self.dtype, attn_implementation=self._ATTN, output_loading_info=True
+                    str(self.path), dtype=dtype, attn_implementation=self._ATTN, output_loading_info=True
                 )
         except LlavaConvertError:
             raise
@@ -667,6 +676,7 @@ class ConvertedModel:
             image_tokens=n_img,
             image_token_id=self.image_token_id,
         )
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         if collapse_image_tokens(ids, self.image_token_id) != original_ids and n_img:
             # Different text: compute the numbers on the original's ids (image expanded as the processor does)
             # so every later stage still lines up position by position.
@@ -1107,7 +1117,8 @@ def check(
         vision_tower: CLIP directory or Hub repo id for the original (default: its config's `mm_vision_tower`).
         images: image files or PIL images; default: one built-in, deterministic, non-square test image.
         prompt: the question asked about each image.
-        dtype: compute dtype on both sides, "float32" or "bfloat16".
+        dtype: compute dtype on both sides, "float32" or "bfloat16" (a quantized CONVERTED runs in its
+            stored dtype).
         atol: absolute tolerance on logits (default per dtype; ignored for quantized checkpoints).
         min_top1: lowest acceptable top-1 agreement (default per dtype / quantization type).
         max_kl: largest acceptable mean KL(original || converted) (default per dtype / quantization type).

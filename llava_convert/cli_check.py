@@ -33,7 +33,7 @@ _PATH = click.Path(path_type=Path)
     type=click.Choice(["float32", "bfloat16"]),
     default="float32",
     show_default=True,
-    help="Compute dtype on both sides.",
+    help="Compute dtype on both sides (a quantized CONVERTED runs in its stored dtype).",
 )
 @click.option(
     "--json", "json_path", type=_PATH, default=None, help="Write a machine-readable report to this file."

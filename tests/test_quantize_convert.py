@@ -92,6 +92,24 @@ def test_transposed_quantization_fails_quality(tiny, tmp_path, monkeypatch):
     assert kl > QUALITY["nf4"][0]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("qt,dtype", [("nf4", "float16"), ("int8", "float16"), ("nf4", "bfloat16"), ("int8", "bfloat16")])
+def test_check_runs_half_precision_quantized(tiny, tmp_path, qt, dtype):
+    """`check` loads a float16 / bfloat16 quantized conversion in its stored dtype and judges its figures."""
+    _, ckpt = tiny
+    out = tmp_path / qt
+    convert(ckpt, out, progress=False, dtype=dtype, quantize=QuantSpec(qt))
+    r = CliRunner().invoke(main, ["check", str(ckpt), str(out), "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert r.exit_code in (0, 1), r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["quantization"] == qt
+    assert [im["error"] for im in report["images"]] == [None]
+    fig = report["figures"]
+    assert fig["kl"] is not None and fig["top1_agreement"] is not None and fig["logits_nmse"] is not None
+    assert f"converted model runs in {dtype}" in " ".join(report["notes"])
+    assert (r.exit_code == 0) == (report["verdict"] == "pass")
+
+
 @pytest.mark.parametrize("qt", ["nf4", "fp4", "int8"])
 def test_bytes_equal_bitsandbytes(tiny, tmp_path, qt):
     import bitsandbytes.functional as F
