@@ -287,6 +287,7 @@ def choose_chat_template(ckpt: OriginalCheckpoint, override: str | None = None) 
         'llava_v1'
     """
     if override:
+        template_for(override)  # an unknown name fails while planning, so --dry-run refuses it too
         return TemplateChoice(override, "given with --chat-template")
     if ckpt.repo_id:
         repo_name = ckpt.name

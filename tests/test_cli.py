@@ -270,3 +270,17 @@ def test_mistral_sliding_window_as_trained(tmp_path, given, expected):
     text = json.loads(r.output)["config"]["text_config"]
     assert text["model_type"] == "mistral" and text["sliding_window"] == expected
     assert text["rope_theta"] == 1e6
+
+
+def test_unknown_chat_template_refused_by_the_dry_run_too(tmp_path):
+    """--dry-run validates what the real run does: an unknown --chat-template is exit 2 in both."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    for extra in (["--dry-run"], []):
+        r = run("convert", repo / "examples" / "llava-v1.5-tiny", out, "--vision-tower", repo / "examples" / "clip-tiny",
+                "--quiet", "--chat-template", "bogus", *extra)
+        assert r.exit_code == 2, r.output
+        assert "unknown chat template 'bogus'" in r.output
+        assert not out.exists()
