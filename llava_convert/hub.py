@@ -98,14 +98,26 @@ def locate(
     return Located(snapshot, repo_id, rev)
 
 
-def cached_repo_id(path: Path | str) -> str | None:
-    """`org/name` when PATH is a snapshot folder of the Hugging Face cache (`.../models--org--name/snapshots/<sha>`),
-    read as huggingface_hub names its cache folders; else None. The path as given is tried, then resolved."""
+def cached_snapshot(path: Path | str) -> tuple[str, str] | None:
+    """`(org/name, commit)` when PATH is, or lies in, a snapshot folder of the Hugging Face cache
+    (`.../models--org--name/snapshots/<sha>[/file]`), read as huggingface_hub names its cache folders; else
+    None. The path as given is tried, then resolved."""
     for parts in (Path(path).absolute().parts, Path(path).resolve().parts):
-        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-            repo = parts[-3][len("models--") :].replace("--", "/")
-            if parse_repo_id(repo):
-                return repo
+        for i in range(len(parts) - 2, 0, -1):
+            if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+                repo = parts[i - 1][len("models--") :].replace("--", "/")
+                if parse_repo_id(repo):
+                    return repo, parts[i + 1]
+    return None
+
+
+def cached_repo_id(path: Path | str) -> str | None:
+    """`org/name` when PATH is a snapshot folder of the Hugging Face cache, else None (`cached_snapshot`)."""
+    path = Path(path)
+    found = cached_snapshot(path)
+    # The snapshot folder itself, not a file or folder inside it.
+    if found and (path.absolute().parent.name == "snapshots" or path.resolve().parent.name == "snapshots"):
+        return found[0]
     return None
 
 
