@@ -4,13 +4,8 @@
 # environment. --no-deps: its pins (torch 2.0.1, a CUDA stack) are not needed to run it on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
-# The main environment's torch release unless TORCH_SPEC says otherwise (pip reuses the wheel it has).
-TORCH_SPEC=${TORCH_SPEC:-torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo "")}
-[ "$TORCH_SPEC" = "torch==" ] && TORCH_SPEC=torch
-if [ ! -x .venv-oracle/bin/python ]; then "$PY" -m venv .venv-oracle; fi
-.venv-oracle/bin/pip install -q "$TORCH_SPEC"
+. scripts/lib/venv.sh
+venv_with_torch .venv-oracle
 .venv-oracle/bin/pip install -q --no-deps llava-torch==1.2.2.post1
 .venv-oracle/bin/pip install -q "transformers==4.36.2" "tokenizers>=0.15,<0.16" sentencepiece protobuf pillow \
     accelerate numpy safetensors "huggingface-hub<1" peft==0.10.0

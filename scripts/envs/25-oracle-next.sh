@@ -8,15 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-PY=${PYTHON:-python3}
 VENV=.venv-oracle-next
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
-
-# The main environment's torch release unless TORCH_SPEC says otherwise (pip reuses the wheel it has).
-TORCH_SPEC=${TORCH_SPEC:-torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo "")}
-[ "$TORCH_SPEC" = "torch==" ] && TORCH_SPEC=torch
-if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
-"$VENV/bin/pip" install -q "$TORCH_SPEC"
+. scripts/lib/venv.sh
+venv_with_torch "$VENV"
 "$VENV/bin/pip" install -q --no-deps llavaction==0.0.1
 "$VENV/bin/pip" install -q "transformers==4.40.2" "tokenizers>=0.19,<0.20" "huggingface-hub<1" \
     safetensors pillow einops numpy accelerate==0.30.1
