@@ -31,6 +31,21 @@ def _rand(gen: torch.Generator, *shape: int, std: float = 0.2) -> torch.Tensor:
     return (torch.randn(*shape, generator=gen) * std).to(torch.float16)
 
 
+def clip_preprocessor(image_size: int) -> dict:
+    """The openai CLIP towers' preprocessor_config.json, at IMAGE_SIZE."""
+    return {
+        "crop_size": image_size,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "size": image_size,
+    }
+
+
 def clip_vision_state(gen: torch.Generator, prefix: str = "vision_model.") -> dict[str, torch.Tensor]:
     n_pos = (IMAGE // PATCH) ** 2 + 1
     sd = {
@@ -75,18 +90,7 @@ def write_clip(path: Path, seed: int = 1) -> Path:
         "layer_norm_eps": 1e-5,
     }
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    pre = {
-        "crop_size": IMAGE,
-        "do_center_crop": True,
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor",
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3,
-        "size": IMAGE,
-    }
-    (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor(IMAGE), indent=2))
     save_file(clip_vision_state(gen), str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 

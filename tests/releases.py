@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from builders import LORA_TARGETS, SPM, VOCAB
+from builders import LORA_TARGETS, SPM, VOCAB, clip_preprocessor
 from safetensors.torch import save_file
 
 SPM_YI = Path(__file__).parent / "fixtures" / "spm" / "tiny_yi.model"
@@ -255,20 +255,6 @@ def clip_config(repo_id: str, image_size: int) -> dict:
         "transformers_version": None,
         "vision_config": _clip_sub("clip_vision_model", num_channels=3, **vision),
         "vision_config_dict": vision,
-    }
-
-
-def clip_preprocessor(image_size: int) -> dict:
-    return {
-        "crop_size": image_size,
-        "do_center_crop": True,
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor",
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3,
-        "size": image_size,
     }
 
 
