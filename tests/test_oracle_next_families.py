@@ -61,7 +61,11 @@ def oracle_next_python() -> Path:
 
 @pytest.fixture(scope="session")
 def oracle_next_root(tmp_path_factory) -> Path:
-    """Build every LLaVA-NeXT-family case once per session with the authors' code; return the root folder."""
+    """Build every LLaVA-NeXT-family case once per session with the authors' code; return the root folder.
+
+    LLAVA_ORACLE_NEXT_ROOT names a root that make_reference.py already wrote (to iterate without rebuilding)."""
+    if os.environ.get("LLAVA_ORACLE_NEXT_ROOT"):
+        return Path(os.environ["LLAVA_ORACLE_NEXT_ROOT"])
     py = oracle_next_python()
     if not py.exists():
         pytest.fail(
