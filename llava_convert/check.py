@@ -26,10 +26,11 @@ import torch
 from PIL import Image
 
 from .errors import CheckFailed, LlavaConvertError
+from .layouts import HF_MODEL_TYPES, to_v5
+from .plan import DTYPES
 from .readers import TensorRef, read_checkpoint
 from .reference import (
     CONV_TEMPLATES,
-    DTYPES,
     IMAGE_TOKEN_INDEX,
     TEXT_ATTENTION,
     VISION_ATTENTION,
@@ -45,7 +46,6 @@ from .source import read_json
 
 DEFAULT_PROMPT = "What is shown in this image?"
 DEFAULT_MAX_NEW_TOKENS = 8
-HF_MODEL_TYPES = ("llava", "llava_next")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -475,18 +475,7 @@ _LAYERS = "model.language_model.layers."
 
 def hf_weight_name(name: str) -> str:
     """A converted checkpoint's tensor name -> the transformers 5 module path (legacy and v5 layouts)."""
-    rules = (
-        ("language_model.lm_head.", "lm_head."),
-        ("language_model.model.", "model.language_model."),
-        ("vision_tower.vision_model.", "model.vision_tower."),
-        ("model.vision_tower.vision_model.", "model.vision_tower."),
-        ("vision_tower.", "model.vision_tower."),
-        ("multi_modal_projector.", "model.multi_modal_projector."),
-    )
-    for old, new in rules:
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return "model.image_newline" if name == "image_newline" else name
+    return to_v5(name)
 
 
 @dataclass

@@ -7,76 +7,37 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from . import transforms
+from .card import convert_facts, in_background, write_card
 from .errors import LlavaConvertError
 from .forms import open_source, read_tensors
-from .hfconfig import Vocab, llava_config
+from .hfconfig import llava_config
+from .layouts import EMBED_KEY
 from .logs import quiet
-from .mapping import MapResult, PlanEntry, check_targets, load_table, map_tensors, raise_if
-from .processor import TOKENIZER_FILES, choose_chat_template, plan_tokens
-from .quantize import QuantSpec, quantize_tensor, should_quantize
-from .readers import TensorRef, read_checkpoint
-from .source import OriginalCheckpoint, VisionTower, find_vision_tower, read_json
+from .mapping import MapResult, check_targets, load_table, map_tensors, raise_if
+from .plan import DTYPES, Plan, TensorSource, apply_quantization, compute_entry, source_order
+from .processor import (
+    TOKENIZER_FILES,
+    build_processor,
+    choose_chat_template,
+    plan_tokens,
+    write_tokenizer_files,
+)
+from .quantize import QuantSpec
+from .readers import read_checkpoint
+from .source import find_vision_tower, read_json
 from .target import build_target
 from .validate import check_llm_against_tensors, check_tower_against
 from .writer import Provenance, assign_shards, staged_output, write_shards
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-EMBED_KEY = "model.embed_tokens.weight"
 
-
-@dataclass
-class Plan:
-    """Everything `convert` will write, decided before any tensor is read."""
-
-    source: OriginalCheckpoint
-    tower: VisionTower
-    vocab: Vocab
-    config: dict[str, Any]
-    entries: list[PlanEntry]
-    index: dict[str, Any]
-    dtype: torch.dtype
-    chat_template: str
-    chat_template_reason: str = ""
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def facts(self) -> dict[str, Any]:
-        return self.source.facts
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "source": str(self.source.path),
-            "form": self.source.form,
-            "backbone": self.source.backbone,
-            "facts": self.facts,
-            "target": self.config["architectures"][0],
-            "vision_tower": str(self.tower.path),
-            "vocab": {
-                "original": self.vocab.original,
-                "image_token_id": self.vocab.image_token_id,
-                "pad_token_id": self.vocab.pad_token_id,
-                "padded": self.vocab.padded,
-            },
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "chat_template": self.chat_template,
-            "chat_template_reason": self.chat_template_reason,
-            "total_bytes": self.index["metadata"]["total_size"],
-            "shards": sorted({e.shard for e in self.entries}),
-            "tensors": [e.describe() for e in self.entries],
-            "dropped": [{"source": k, "rule": r} for k, r in self.dropped],
-            "warnings": self.warnings,
-        }
-
-
-def _output_dtype(tensors: dict[str, TensorRef], dtype: str) -> torch.dtype:
+def _output_dtype(tensors: dict[str, TensorSource], dtype: str) -> torch.dtype:
     if dtype == "auto":
         if not tensors[EMBED_KEY].dtype.is_floating_point:
             raise LlavaConvertError(
@@ -174,7 +135,7 @@ def plan_conversion(
 
     apply_quantization(entries, config, quantize)
     # Write in source-file order: reads stay sequential (readahead works), as fast as a plain copy.
-    entries.sort(key=_source_order)
+    entries.sort(key=source_order)
     index = assign_shards(entries, max_shard_size)
     template = choose_chat_template(ckpt, chat_template)
     return Plan(
@@ -190,43 +151,6 @@ def plan_conversion(
         dropped=[d for r in results for d in r.dropped],
         warnings=form_warnings + [w for r in results for w in r.warnings] + ([template.warning] if template.warning else []),
     )
-
-
-def apply_quantization(entries: list[PlanEntry], config: dict[str, Any], spec: QuantSpec | None) -> None:
-    """Mark the weights the policy quantizes and record `quantization_config` in the config."""
-    if spec is None:
-        return
-    spec.validate()
-    for e in entries:
-        if should_quantize(e.target, tuple(e.shape), spec):
-            e.quant = spec
-    config["quantization_config"] = spec.config()
-
-
-def _source_order(e: PlanEntry) -> tuple:
-    if not e.sources:
-        return (1, "", 0, e.target)
-    src = e.sources[0]
-    # Names, not absolute paths: the same checkpoint gives the same bytes wherever it lies (local, Hub cache).
-    path = getattr(src, "path", None)
-    return (0, getattr(src, "origin", ""), path.name if path else "", getattr(src, "offset", 0), e.target)
-
-
-def compute_entry(e: PlanEntry, ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """One entry's output tensors, materialised: read, transform, cast, and quantize if planned.
-
-    For an entry that `appends` to its source, only the appended rows (the writer copies the rest)."""
-    tensors = [s.load() for s in e.sources]
-    if e.appends:
-        return {e.target: transforms.get(e.transform).tail(tensors, ctx, e.shape)}
-    if e.transform:
-        t = transforms.get(e.transform).apply(tensors, ctx, e.shape)
-    else:
-        (t,) = tensors
-    t = t.to(e.dtype).contiguous() if t.dtype != e.dtype else t.contiguous()
-    if e.quant is not None:
-        return quantize_tensor(e.target, t, e.quant)
-    return {e.target: t}
 
 
 def plan_inputs(plan: Plan) -> list[tuple[str, Path | None]]:
@@ -248,17 +172,10 @@ def provenance(plan: Plan) -> Provenance:
         prov.add_file("generation_config", gen)
     for name in ("config.json", "preprocessor_config.json"):
         prov.add_file("vision_tower", plan.tower.path / name)
-    weights = {s.path for e in plan.entries for s in _leaves(e.sources)}
+    weights = {leaf.path for e in plan.entries for s in e.sources for leaf in s.leaves()}
     for path in sorted(weights):
         prov.add_file("weights", path, hash_it=False)
     return prov
-
-
-def _leaves(sources) -> list[TensorRef]:
-    out = []
-    for s in sources:
-        out.extend(_leaves(s.parts) if hasattr(s, "parts") else [s])
-    return out
 
 
 def _generation_config(plan: Plan) -> dict[str, Any]:
@@ -278,8 +195,6 @@ def _generation_config(plan: Plan) -> dict[str, Any]:
 
 def write_metadata(plan: Plan, out: Path) -> None:
     """config.json, generation_config.json, tokenizer and processor files."""
-    from .processor import build_processor, write_tokenizer_files
-
     (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(plan), indent=2) + "\n")
     with quiet():
@@ -292,10 +207,6 @@ def execute(
     plan: Plan, output: Path, *, force: bool = False, progress: bool = True, command: str | None = None
 ) -> Path:
     """Write a planned conversion to OUTPUT atomically, with its model card (`command`: recorded in it)."""
-    from tqdm import tqdm
-
-    from .card import convert_facts, in_background, write_card
-
     output = Path(output)
     total = plan.index["metadata"]["total_size"]
     ctx = {"vocab": plan.vocab}

@@ -21,23 +21,19 @@ gets a warning.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import re
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import LlavaConvertError
 from .hub import cached_repo_id, locate
+from .layouts import EMBED_KEY
+from .plan import Composite
 from .readers import (
     WEIGHT_INDEX_NAMES,
     WEIGHT_SINGLE_NAMES,
     TensorRef,
-    dtype_size,
     read_checkpoint,
     read_torch_bin,
     read_weight_file,
@@ -54,7 +50,6 @@ FORM_TITLES = {
     "delta": "delta weights",
     "hf": "Hugging Face checkpoint",
 }
-EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
 NORM_KEY = "model.norm.weight"
 _DELTA_WORD = re.compile(r"(^|[-_.])delta([-_.]|$)", re.IGNORECASE)
@@ -64,80 +59,6 @@ _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(\.
 _DELTA_ONLY = re.compile(r"model\.mm_projector\..+|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 # LLM shape fields that must agree between the checkpoint's config and its base LLM's.
 _BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-
-
-@dataclass(frozen=True)
-class Composite:
-    """A tensor computed from stored ones when loaded; duck-types `TensorRef` for the planner and writer.
-
-    `kind` "lora": parts (W, A, B), value W + scale * B @ A (transposed for fan_in_fan_out), as PEFT's
-    `merge_and_unload`. `kind` "delta": parts (delta, base), value delta + base over the base's extent,
-    the delta's extra rows as they are, as the authors' `apply_delta`. Computed in float32; the caller casts.
-    """
-
-    name: str
-    kind: str
-    parts: tuple[TensorRef, ...]
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    scale: float = 1.0
-    fan_in_fan_out: bool = False
-    origin: str = ""
-
-    @property
-    def path(self) -> Path:
-        return self.parts[0].path
-
-    @property
-    def contiguous(self) -> bool:
-        return False  # never a plain byte range: the writer must compute it
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * dtype_size(self.dtype)
-
-    def load(self) -> torch.Tensor:
-        """The value in float32, one output-sized buffer (the factors are small; W is read from its mapping)."""
-        _release_freed_memory()
-        if self.kind == "lora":
-            w, a, b = (p.load() for p in self.parts)
-            a, b = a.to(torch.float32), b.to(torch.float32)
-            # PEFT: W + transpose(B @ A, fan_in_fan_out) * scaling; A^T @ B^T is (B @ A)^T, built contiguous.
-            out = torch.mm(a.t(), b.t()) if self.fan_in_fan_out else torch.mm(b, a)
-            out.mul_(self.scale)
-            out.add_(w)
-            return out
-        if self.kind == "delta":
-            d, base = (p.load() for p in self.parts)
-            out = d.to(torch.float32, copy=True)
-            out[tuple(slice(0, n) for n in base.shape)].add_(base)
-            return out
-        raise AssertionError(f"unknown composite kind {self.kind!r}")
-
-
-@cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _release_freed_memory() -> None:
-    """Give the previous tensors' freed buffers back to the OS before the next float32 merge.
-
-    glibc raises its mmap threshold after the first large free, so later buffers of a few MB come from the
-    heap, and merges interleaving buffers of several sizes (float32 result, cast, factors) fragment it: the
-    process keeps growing by ~the largest tensor per merge before it settles. Trimming keeps resident memory
-    at the bound the streaming writer promises (largest tensor plus a constant). No-op off glibc.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _has_full_weights(path: Path) -> bool:

@@ -11,14 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from .card import quantize_facts, write_card
 from .errors import LlavaConvertError
-from .mapping import PlanEntry
+from .layouts import HF_MODEL_TYPES
+from .plan import PlanEntry, apply_quantization, compute_entry
 from .quantize import QuantSpec
 from .readers import check_input_file, read_checkpoint
 from .source import read_json
 from .writer import Provenance, assign_shards, staged_output, write_shards
 
-HF_MODEL_TYPES = ("llava", "llava_next")
 # The files of a Hugging Face llava checkpoint besides weights and config.json, copied as they are.
 COPIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -29,8 +32,6 @@ COPIED_FILES = (
 
 def plan_quantize(source: Path, spec: QuantSpec, *, max_shard_size: int | str = "5GB"):
     """Plan quantizing an HF-format llava checkpoint. Returns (config, entries, index)."""
-    from .convert import apply_quantization
-
     source = Path(source)
     cfg_path = source / "config.json"
     config = read_json(cfg_path)
@@ -86,10 +87,6 @@ def quantize_checkpoint(
     Raises:
         LlavaConvertError: bad input (not HF format, already quantized, bad settings); nothing is written.
     """
-    from tqdm import tqdm
-
-    from .convert import compute_entry
-
     source, output = Path(source), Path(output)
     config, entries, index = plan_quantize(source, spec, max_shard_size=max_shard_size)
     prov = Provenance("quantize")
@@ -112,7 +109,5 @@ def quantize_checkpoint(
         if len({e.shard for e in entries}) > 1:
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         # The source's README describes the unquantized model: this directory gets its own card.
-        from .card import quantize_facts, write_card
-
         write_card(staging, quantize_facts(source, output, config, spec, command))
     return config

@@ -17,16 +17,15 @@ How rules compose (among the rules whose `when` holds for the checkpoint):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import tomllib
-import torch
 
 from .errors import LlavaConvertError, MappingError
-from .readers import TensorRef, dtype_size
+from .plan import PlanEntry, TensorSource
 
 
 def mappings_dir() -> Path:
@@ -120,86 +119,6 @@ def parse_table(name: str, text: str, path: Path | str | None = None) -> Table:
 
 
 @dataclass
-class PlanEntry:
-    """One output tensor: where it comes from, how it is made, what it will be."""
-
-    target: str
-    sources: tuple[TensorRef, ...]
-    transform: str | None
-    rule: str
-    dtype: torch.dtype | None = None
-    shape: tuple[int, ...] | None = None
-    shard: str = ""
-    quant: Any = None  # a quantize.QuantSpec when this weight is written bitsandbytes-quantized
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def outputs(self) -> list[tuple[str, torch.dtype, tuple[int, ...] | None]]:
-        """The tensors this entry writes: one, or a quantized weight's several (a `None` shape is
-        sized by the data, up to `quantize.QUANT_STATE_MAX` bytes)."""
-        if self.quant is None:
-            return [(self.target, self.dtype, self.shape)]
-        from .quantize import quantized_outputs
-
-        return quantized_outputs(self.target, self.shape, self.dtype, self.quant)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes written (an upper bound for quantized weights)."""
-        from .quantize import QUANT_STATE_MAX
-
-        total = 0
-        for _, dtype, shape in self.outputs():
-            if shape is None:
-                total += QUANT_STATE_MAX
-                continue
-            n = 1
-            for s in shape:
-                n *= s
-            total += n * dtype_size(dtype)
-        return total
-
-    @property
-    def passthrough(self) -> bool:
-        """True when the output bytes are exactly a byte range of the source file (kernel copy)."""
-        return (
-            self.transform is None
-            and self.quant is None
-            and len(self.sources) == 1
-            and self.sources[0].dtype == self.dtype
-            and self.sources[0].contiguous
-            and self.sources[0].shape == self.shape
-        )
-
-    @property
-    def appends(self) -> bool:
-        """True when the output is the source's bytes followed by computed rows (`Transform.tail`): the writer
-        copies the source range and appends, so the matrix never sits in memory (vocabulary padding)."""
-        if self.transform is None or self.quant is not None or len(self.sources) != 1:
-            return False
-        from .transforms import get
-
-        src = self.sources[0]
-        return (
-            get(self.transform).tail is not None
-            and isinstance(src, TensorRef)
-            and src.dtype == self.dtype
-            and src.contiguous
-        )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "source": [f"{s.origin}:{s.name}" if s.origin else s.name for s in self.sources],
-            "transform": self.transform,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "shape": list(self.shape or ()),
-            "shard": self.shard,
-            "rule": self.rule,
-            "quantize": self.quant.quant_type if self.quant is not None else None,
-        }
-
-
-@dataclass
 class MapResult:
     entries: list[PlanEntry]
     dropped: list[tuple[str, str]]  # (source key, rule)
@@ -207,7 +126,7 @@ class MapResult:
 
 
 def map_tensors(
-    tensors: dict[str, TensorRef], table: Table, facts: dict[str, Any], problems: list[str]
+    tensors: dict[str, TensorSource], table: Table, facts: dict[str, Any], problems: list[str]
 ) -> MapResult:
     """Map each source tensor through the table's rules (a matching drop wins; otherwise exactly one target
     rule must match). Problems are appended, not raised."""

@@ -64,7 +64,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
@@ -74,15 +74,10 @@ import numpy as np
 import torch
 
 __all__ = [
-    "QUANT_TYPES",
     "SUPPORTED_BLOCKSIZES",
-    "bnb_quantization_config",
-    "expand_skip_modules",
-    "module_is_skipped",
     "quantize_weight",
 ]
 
-QUANT_TYPES = ("int8", "nf4", "fp4")
 #: Blocksizes ``bitsandbytes.functional.quantize_4bit`` accepts.
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Blocksize bitsandbytes uses to quantize the absmax statistics with double quant.
@@ -131,9 +126,12 @@ _NF4_DATA = [
 _FP4_DATA = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 
 
+_FOUR_BIT_DATA = {"nf4": _NF4_DATA, "fp4": _FP4_DATA}
+
+
 def _fourbit_code(quant_type: str) -> torch.Tensor:
     """The 16-entry code table exactly as ``bitsandbytes.functional.get_4bit_type`` builds it."""
-    data = torch.tensor(_NF4_DATA if quant_type == "nf4" else _FP4_DATA)
+    data = torch.tensor(_FOUR_BIT_DATA[quant_type])
     data.div_(data.abs().max())
     return data
 
@@ -560,8 +558,8 @@ def quantize_weight(
         ValueError: unknown ``quant_type``, unsupported ``blocksize``, unsupported dtype, non-CPU or
             empty tensor, non-2-D weight for int8, or a non-positive ``threads``/``chunk_elements``.
     """
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {', '.join(QUANT_TYPES)}")
+    if quant_type != "int8" and quant_type not in _FOUR_BIT_DATA:
+        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of int8, {', '.join(_FOUR_BIT_DATA)}")
     if quant_type != "int8" and blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(
             f"unsupported blocksize {blocksize!r} for {quant_type}; bitsandbytes supports "
@@ -591,183 +589,3 @@ def quantize_weight(
         if quant_type == "int8":
             return _quantize_int8(weight, threads, chunk)
         return _quantize_4bit(weight, quant_type, blocksize, double_quant, threads, chunk)
-
-
-# ----------------------------------------------------------------------------------------------
-# quantization_config / skip modules
-# ----------------------------------------------------------------------------------------------
-
-# A LlavaForConditionalGeneration's module paths in the three layouts transformers has used:
-#   legacy   (checkpoint keys; in-memory before 4.52): language_model.model.*, language_model.lm_head,
-#            vision_tower.vision_model.*, multi_modal_projector.*
-#   4.52-4.x (in memory):  model.language_model.*, lm_head, model.vision_tower.vision_model.*,
-#            model.multi_modal_projector.*
-#   5.x      (in memory):  model.language_model.*, lm_head, model.vision_tower.* (CLIPVisionModel
-#            drops its ``vision_model`` level), model.multi_modal_projector.*
-# Each rule maps a legacy root to its spellings in the later layouts.
-_LLAVA_ROOTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("language_model.lm_head", ("lm_head",)),
-    ("language_model.model", ("model.language_model",)),
-    ("vision_tower.vision_model", ("model.vision_tower.vision_model", "model.vision_tower")),
-    ("vision_tower", ("model.vision_tower",)),
-    ("multi_modal_projector", ("model.multi_modal_projector",)),
-)
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root + ".")
-
-
-def _to_legacy(path: str) -> str:
-    """Any layout's LLaVA module path -> the legacy (checkpoint) spelling; other names unchanged."""
-    if _under(path, "model.vision_tower.vision_model"):
-        return path[len("model.") :]
-    if path == "model.vision_tower":
-        return "vision_tower"
-    if path.startswith("model.vision_tower."):  # 5.x: the CLIP ``vision_model`` level is gone
-        return "vision_tower.vision_model." + path[len("model.vision_tower.") :]
-    for legacy, later in _LLAVA_ROOTS:
-        for root in later:
-            if _under(path, root):
-                return legacy + path[len(root) :]
-    return path
-
-
-def _layout_aliases(name: str) -> list[str]:
-    """``name`` followed by its spellings in every LLaVA layout (if it lives under a known root)."""
-    legacy = _to_legacy(name)
-    out = [name]
-    for root, later in _LLAVA_ROOTS:
-        if _under(legacy, root):
-            rest = legacy[len(root) :]
-            for spelling in (legacy, *(r + rest for r in later)):
-                if spelling not in out:
-                    out.append(spelling)
-            break
-    return out
-
-
-def expand_skip_modules(skip_modules: Iterable[str]) -> list[str]:
-    """Spell each skip entry in every LLaVA layout, so every transformers version reads it the same.
-
-    Args:
-        skip_modules: module names (or subtree roots) in any layout, e.g. ``"lm_head"``,
-            ``"vision_tower"``, ``"language_model.model.layers.0.mlp"``,
-            ``"model.vision_tower.encoder.layers.0"``; names outside the LLaVA roots (``"k_proj"``)
-            are kept as they are.
-
-    Returns:
-        The de-duplicated list, order preserved, each entry followed by its other spellings.
-
-    Raises:
-        ValueError: an entry is empty, not a string, or starts/ends with a dot.
-    """
-    out: list[str] = []
-    for name in skip_modules:
-        if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
-            raise ValueError(f"invalid skip module name {name!r}")
-        for alias in _layout_aliases(name):
-            if alias not in out:
-                out.append(alias)
-    return out
-
-
-def module_is_skipped(module_path: str, skip_modules: Iterable[str]) -> bool:
-    """Whether a Linear at ``module_path`` stays unquantized under ``skip_modules``.
-
-    This is the meaning :func:`bnb_quantization_config` guarantees for every transformers version:
-    the module is skipped iff it *is*, or lies *under*, one of the skip entries (compared in the
-    legacy layout, so any spelling works), or its last path component equals an entry without a dot
-    (bare leaf names such as ``"k_proj"`` match anywhere: 4.x by child name, 5.x by suffix). Use it to
-    decide which weights to quantize when writing the checkpoint.
-
-    Args:
-        module_path: dotted module path in any layout (``language_model.model.layers.0.mlp.up_proj``,
-            ``model.language_model.layers.0.mlp.up_proj``); a trailing ``.weight`` is ignored.
-        skip_modules: the entries passed to :func:`bnb_quantization_config`.
-
-    Returns:
-        True if the module must be written unquantized.
-    """
-    path = _to_legacy(module_path.removesuffix(".weight"))
-    leaf = path.rsplit(".", 1)[-1]
-    for entry in skip_modules:
-        if "." not in entry and leaf == entry:
-            return True
-        if _under(path, _to_legacy(entry)):
-            return True
-    return False
-
-
-def bnb_quantization_config(
-    *, quant_type: str, double_quant: bool, compute_dtype: str, skip_modules: list[str]
-) -> dict[str, Any]:
-    """The ``quantization_config`` for config.json of a checkpoint written with :func:`quantize_weight`.
-
-    It equals ``transformers.BitsAndBytesConfig(...).to_dict()`` for the same settings (so transformers
-    5 and 4.x load the checkpoint with no ``quantization_config`` argument; 4.x ignores the keys it
-    does not know, such as ``bnb_4bit_quant_storage`` and the ``_load_in_*`` mirrors).
-
-    Skip list semantics differ between versions (transformers source, checked):
-
-    * 4.36 ``_replace_with_bnb_linear``: a Linear is skipped if its child name is in the list or any
-      entry is a *substring* of its dotted path. Later 4.x: child name in the list, or
-      ``entry + "."`` is a substring, or ``entry == path``. (4.36 loads pre-quantized int8 only;
-      pre-quantized 4-bit needs transformers >= 4.37 with bitsandbytes >= 0.41.3.)
-    * 5.x ``should_convert_module``: skipped if an entry matches *from the start* of the path up to a
-      module boundary (the entry is used as a regex), or the path *ends with* the entry. There is no
-      inheritance from parent modules and no substring match, so ``"vision_tower"`` does **not** skip
-      ``model.vision_tower.vision_model...q_proj``.
-    * In every version, passing any list replaces the default skip (``get_keys_to_not_convert``, i.e.
-      the output embedding ``lm_head``), so ``lm_head`` must be listed explicitly to stay unquantized.
-    * The in-memory paths differ too. A LlavaForConditionalGeneration is ``language_model.model.*``,
-      ``language_model.lm_head``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*`` before
-      transformers 4.52 (the legacy checkpoint layout); ``model.language_model.*``, ``lm_head``,
-      ``model.vision_tower.vision_model.*``, ``model.multi_modal_projector.*`` from 4.52; and in 5.x
-      ``model.language_model.*``, ``lm_head``, ``model.vision_tower.*`` (CLIPVisionModel loses its
-      ``vision_model`` level), ``model.multi_modal_projector.*``. 5.x renames legacy checkpoint keys
-      on load, the ``.weight.absmax``/``.weight.quant_state...`` suffixes included.
-
-    Therefore every entry is written in every layout (:func:`expand_skip_modules`): for example
-    ``["lm_head", "vision_tower", "multi_modal_projector"]`` becomes ``["lm_head",
-    "language_model.lm_head", "vision_tower", "model.vision_tower", "multi_modal_projector",
-    "model.multi_modal_projector"]``, which skips exactly the LM head, the whole vision tower and the
-    projector under all the rules (4.x by child name/substring, 5.x by prefix/suffix). Entries
-    should name whole modules or subtrees; note that 4.36's substring rule makes
-    ``...layers.1`` also match ``...layers.10`` and 5.x treats ``.`` as a regex wildcard, so avoid
-    entries that are a prefix of a sibling's name. :func:`module_is_skipped` gives the resulting
-    decision for a module path.
-
-    Args:
-        quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"``.
-        double_quant: ``bnb_4bit_use_double_quant`` (must match what :func:`quantize_weight` used;
-            the loader actually reads it from each weight's quant state).
-        compute_dtype: ``bnb_4bit_compute_dtype``: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
-        skip_modules: modules to keep unquantized, in any LLaVA layout.
-
-    Returns:
-        A JSON-serializable dict.
-
-    Raises:
-        ValueError: unknown ``quant_type`` / ``compute_dtype`` or an invalid skip entry.
-    """
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {', '.join(QUANT_TYPES)}")
-    if compute_dtype not in ("float16", "bfloat16", "float32"):
-        raise ValueError(f"compute_dtype must be 'float16', 'bfloat16' or 'float32', got {compute_dtype!r}")
-    four_bit = quant_type != "int8"
-    return {
-        "_load_in_4bit": four_bit,
-        "_load_in_8bit": not four_bit,
-        "bnb_4bit_compute_dtype": compute_dtype,
-        "bnb_4bit_quant_storage": "uint8",
-        "bnb_4bit_quant_type": quant_type if four_bit else "fp4",
-        "bnb_4bit_use_double_quant": bool(double_quant) if four_bit else False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": expand_skip_modules(skip_modules),
-        "llm_int8_threshold": 6.0,
-        "load_in_4bit": four_bit,
-        "load_in_8bit": not four_bit,
-        "quant_method": "bitsandbytes",
-    }

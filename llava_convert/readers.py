@@ -189,6 +189,13 @@ class TensorRef:
             acc *= s
         return all(st == ex for st, ex, sz in zip(self.stride, reversed(expected), self.shape, strict=True) if sz != 1)
 
+    def byte_range(self) -> tuple[Path, int, int] | None:
+        """(file, offset, length) of the stored bytes when they are the tensor row-major, else None."""
+        return (self.path, self.offset, self.nbytes) if self.contiguous else None
+
+    def leaves(self) -> tuple[TensorRef, ...]:
+        return (self,)
+
     def load(self) -> torch.Tensor:
         """The tensor as a read-only view over the file mapping (no copy for contiguous tensors)."""
         mm = _MMAPS.get(self.path)

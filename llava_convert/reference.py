@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import LlavaConvertError
 from .logs import quiet
+from .plan import DTYPES
 from .processor import choose_chat_template
 from .readers import TensorRef, read_checkpoint, weight_files
 from .source import (
@@ -58,7 +59,6 @@ _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 TEXT_ATTENTION = "sdpa"
 VISION_ATTENTION = "eager"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .errors import LlavaConvertError
-from .mapping import PlanEntry
+from .plan import PlanEntry
+from .quantize import QUANT_STATE_MAX
 from .readers import DTYPE_TO_SAFETENSORS
 
 _COPY_CHUNK = 64 << 20
@@ -118,8 +119,6 @@ def write_shards(
     shards: dict[str, list[PlanEntry]] = {}
     for e in entries:
         shards.setdefault(e.shard, []).append(e)
-    from .quantize import QUANT_STATE_MAX
-
     # One worker computes the next entry (read, cast, quantize) while this thread writes the current one:
     # both cores busy, at most two entries' tensors alive at once.
     computed = [e for group in shards.values() for e in group if not e.passthrough]
@@ -147,8 +146,8 @@ def write_shards(
                     if e.passthrough:
                         prefetch(next_computed)
                         f.flush()  # the kernel copy writes at the descriptor's position
-                        src = e.sources[0]
-                        _copy_range(src.path, src.offset, e.nbytes, f)
+                        path, offset, _ = e.sources[0].byte_range()
+                        _copy_range(path, offset, e.nbytes, f)
                         f.seek(0, os.SEEK_END)
                         actual.append((e.target, e.dtype, e.shape, e.nbytes))
                         n = e.nbytes
@@ -159,7 +158,7 @@ def write_shards(
                         prefetch(next_computed)
                         src = e.sources[0]
                         f.flush()
-                        _copy_range(src.path, src.offset, src.nbytes, f)
+                        _copy_range(*src.byte_range(), f)
                         f.seek(0, os.SEEK_END)
                         if tail.dtype != e.dtype or tail.shape[1:] != tuple(e.shape[1:]) or tail.shape[0] + src.shape[0] != e.shape[0]:
                             raise AssertionError(f"{e.target}: appended rows {tail.dtype} {tuple(tail.shape)} do not fit {e.shape}")

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from llava_convert.cli import main
 from llava_convert.convert import convert, plan_conversion
 from llava_convert.errors import LlavaConvertError
-from llava_convert.forms import Composite, authors_name, authors_non_lora_keys, detect_form
+from llava_convert.forms import authors_name, authors_non_lora_keys, detect_form
+from llava_convert.plan import Composite
 from llava_convert.readers import read_safetensors
 
 LORA_HINT = (

@@ -19,12 +19,13 @@ import bitsandbytes.functional as F  # noqa: E402
 from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds  # noqa: E402
 
 from llava_convert import quant as Q  # noqa: E402
-from llava_convert.quant import (  # noqa: E402
+from llava_convert.layouts import to_legacy  # noqa: E402
+from llava_convert.quant import quantize_weight  # noqa: E402
+from llava_convert.quantize import (  # noqa: E402
     QUANT_TYPES,
     bnb_quantization_config,
     expand_skip_modules,
     module_is_skipped,
-    quantize_weight,
 )
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -406,7 +407,7 @@ def test_config_errors():
 
 def _legacy(path: str) -> str:
     """transformers 5.x LLaVA path -> the legacy (checkpoint, and pre-4.52 in-memory) path."""
-    return Q._to_legacy(path)
+    return to_legacy(path)
 
 
 def _layout_452(legacy: str) -> str:
