@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from images import test_images
 from safetensors import safe_open
 
-import llava_convert.convert as conv
+import llava_convert.plan as plan_mod
 from llava_convert.cli import main
 from llava_convert.convert import convert
 from llava_convert.quantize import QuantSpec
@@ -83,8 +83,8 @@ def test_round_trip_load_generate_and_quality(tiny, tmp_path, qt):
 @pytest.mark.slow
 def test_transposed_quantization_fails_quality(tiny, tmp_path, monkeypatch):
     root, ckpt = tiny
-    real = conv.quantize_tensor
-    monkeypatch.setattr(conv, "quantize_tensor", lambda n, w, s: real(n, w.t().contiguous().reshape(w.shape), s))
+    real = plan_mod.quantize_tensor
+    monkeypatch.setattr(plan_mod, "quantize_tensor", lambda n, w, s: real(n, w.t().contiguous().reshape(w.shape), s))
     convert(ckpt, tmp_path / "bad", progress=False, quantize=QuantSpec("nf4"))
     _, got, _ = _run_logits(tmp_path / "bad", quantized=True)
     _, ref, _ = _run_logits(root / "fp16", quantized=False)
