@@ -9,14 +9,18 @@ The files it writes are standard safetensors (checked by loading them with `safe
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 
+from . import __version__
 from .errors import LlavaConvertError
 from .plan import PlanEntry
 from .quantize import QUANT_STATE_MAX
@@ -39,8 +45,6 @@ def assign_shards(entries: list[PlanEntry], max_shard_size: int | str) -> dict[s
 
     A quantized weight's tensors stay together in one shard (they are produced by one computation).
     """
-    from huggingface_hub import split_state_dict_into_shards_factory
-
     by_name = {e.target: e for e in entries}
     try:
         split = split_state_dict_into_shards_factory(
@@ -239,8 +243,6 @@ class Provenance:
         self.files.append({"path": str(path), "sha256": digest, "role": role})
 
     def write(self, out_dir: Path) -> None:
-        from . import __version__
-
         data = {"tool": "llava-convert", "version": __version__, "command": self.command,
                 "inputs": self.inputs, "files": self.files}
         (out_dir / PROVENANCE_FILE).write_text(json.dumps(data, indent=2) + "\n")
@@ -308,8 +310,6 @@ class _Lock:
     """An exclusive `flock` on `.OUT.lock` beside OUTPUT: a second run writing the same OUTPUT is refused."""
 
     def __init__(self, parent: Path, name: str, output: Path):
-        import fcntl
-
         self.path = parent / f".{name}.lock"
         while True:
             try:
@@ -388,8 +388,6 @@ _RENAME_NOREPLACE = 1
 def _rename_noreplace(src: Path, dst: Path) -> bool:
     """`renameat2(RENAME_NOREPLACE)`: fails if DST exists (even an empty directory, which plain rename
     replaces). False when the kernel, libc or file system lacks it."""
-    import ctypes
-
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -427,9 +425,6 @@ def _commit(staging: Path, output: Path, *, force: bool, shown: Path | str) -> N
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
