@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from .errors import CheckFailed, LlavaConvertError
+from .original import read_json
 from .readers import TensorRef, read_checkpoint
 from .reference import (
     CONV_TEMPLATES,
@@ -41,7 +42,6 @@ from .reference import (
     materialize_buffers,
     quiet,
 )
-from .source import read_json
 
 DEFAULT_PROMPT = "What is shown in this image?"
 DEFAULT_MAX_NEW_TOKENS = 8

@@ -13,9 +13,9 @@ from typing import Any
 
 from .errors import LlavaConvertError
 from .mapping import PlanEntry
+from .original import read_json
 from .quantize import QuantSpec
 from .readers import check_input_file, read_checkpoint
-from .source import read_json
 from .writer import Provenance, assign_shards, staged_output, write_shards
 
 HF_MODEL_TYPES = ("llava", "llava_next")

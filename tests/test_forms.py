@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from llava_convert.cli import main
 from llava_convert.convert import convert, plan_conversion
 from llava_convert.errors import LlavaConvertError
-from llava_convert.forms import Composite, authors_name, authors_non_lora_keys, detect_form
+from llava_convert.original import open_original
+from llava_convert.original.merge import Composite, authors_non_lora_keys
 from llava_convert.readers import read_safetensors
 
 LORA_HINT = (
@@ -61,26 +62,34 @@ def _base_state(base) -> dict[str, torch.Tensor]:
 # --- detection ----------------------------------------------------------------------------------
 
 
+def _form(path, **kw) -> str:
+    return open_original(path, require_base=False, **kw).form
+
+
 def test_detect_form(tmp_path):
     full = write_original(tmp_path)
     lora = write_lora(tmp_path)
     proj = write_projector(tmp_path)
     base = write_base(tmp_path)
     delta = write_delta(tmp_path, _base_state(base), name="LLaVA-tiny-delta-v0")
-    assert detect_form(full) == "full"
-    assert detect_form(lora) == "lora"
-    assert detect_form(proj) == "projector"
-    assert detect_form(delta) == "delta"  # by its name
-    assert detect_form(delta, delta=False) == "full"  # --no-delta
-    assert detect_form(full, delta=True) == "delta"  # --delta
+    assert _form(full) == "full"
+    assert _form(lora) == "lora"
+    assert _form(proj) == "projector"
+    assert _form(delta) == "delta"  # by its name
+    assert _form(delta, delta=False) == "full"  # --no-delta
+    assert _form(full, delta=True) == "delta"  # --delta
     # "delta" must be a word of the name, not any substring
-    assert detect_form(full, name="llava-v1.5-deltanet") == "full"
-    assert detect_form(full, name="llava_delta") == "delta"
+    for name, form in (("llava-v1.5-deltanet", "full"), ("llava_delta", "delta")):
+        shutil.copytree(full, tmp_path / name)
+        assert _form(tmp_path / name) == form
     with pytest.raises(LlavaConvertError, match="--delta: .* is a LoRA adapter"):
-        detect_form(lora, delta=True)
+        _form(lora, delta=True)
     hf = tmp_path / "hf"
     convert(full, hf, progress=False)
-    assert detect_form(hf) == "hf"
+    with pytest.raises(LlavaConvertError, match="already a Hugging Face checkpoint"):
+        _form(hf)
+    with pytest.raises(LlavaConvertError, match="--delta: .* is a Hugging Face checkpoint"):
+        _form(hf, delta=True)
 
 
 def test_authors_model_name_for_trainer_checkpoints(tmp_path):
@@ -90,11 +99,11 @@ def test_authors_model_name_for_trainer_checkpoints(tmp_path):
     torch.save({"lr": 1.0}, ckpt / "training_args.bin")
     torch.save({"x": torch.zeros(2)}, ckpt / "optimizer.pt")
     torch.save({"python": 0}, ckpt / "rng_state.pth")
-    assert authors_name(ckpt) == "llava-v1.5-tiny-run_checkpoint-5"
+    assert open_original(ckpt).name == "llava-v1.5-tiny-run_checkpoint-5"
     plan = plan_conversion(ckpt)
     assert plan.source.form == "full" and plan.source.name == "llava-v1.5-tiny-run_checkpoint-5"
     assert plan.chat_template == "llava_v1"
-    assert [p.name for p in plan.source.weight_files] == ["pytorch_model.bin"]
+    assert [p.name for p in plan.source.weights] == ["pytorch_model.bin"]
 
 
 # --- LoRA -------------------------------------------------------------------------------------

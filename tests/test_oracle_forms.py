@@ -40,7 +40,7 @@ def test_form_matches_authors(oracle_case, tmp_path, case):
 def test_lora_merges_every_linear_layer(oracle_case):
     """The authors' training targets all linear layers of the LLM (find_all_linear_names): all are merged."""
     from llava_convert.convert import plan_conversion
-    from llava_convert.forms import Composite
+    from llava_convert.original.merge import Composite
 
     case_dir = oracle_case("lora")
     plan = plan_conversion(case_dir / FORMS["lora"][0], base=case_dir / FORMS["lora"][1])

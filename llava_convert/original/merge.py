@@ -1,22 +1,12 @@
-"""The forms original LLaVA checkpoints come in, each turned into the same thing: the authors' config (a dict),
-`{authors' key name: TensorRef | Composite}` and a tokenizer directory.
-
-    full       config.json + weights (+ tokenizer)        released v1 / v1.5 / v1.6, self-trained saves, checkpoint-N/
-    lora       config.json + adapter_config.json + adapter_model.{safetensors,bin} + non_lora_trainables.bin;
-               needs --base (the LLM it was trained from), whose tokenizer it uses
-    projector  config.json + mm_projector.bin (pretrain stage); needs --base, whose tokenizer it uses
-    delta      config.json + weights holding target - base (v0, v1-1 releases) + tokenizer; needs --base
+"""The merged views of the forms that need a base LLM, each turned into the same thing as a full checkpoint:
+`{authors' key name: TensorRef | Composite}` (the tensors of the model the authors' loader builds).
 
 The mapping tables work on the authors' key names whatever the form, so adding a form adds no table rule.
 A merged tensor is a `Composite`: a lazy tensor computed from stored ones (W + scale * B @ A, base + delta)
 when the writer asks for it, never byte-copied, so memory stays bounded by the largest tensor.
 
-Delta detection: the authors' delta repos (`LLaVA-13b-delta-v0`, `LLaVA-Lightning-7B-delta-v1-1`) have a
-config.json and weights exactly like a full checkpoint; only their name says "delta". So a checkpoint whose
-name has a `delta` word (`-delta-`, `_delta`, ...) is a delta, unless `delta=False` (`--no-delta`) says
-otherwise; `delta=True` (`--delta`) forces it. A name-detected delta whose final norm weights look like full
-weights (mean |w| > 0.5, where a delta holds ~0) is refused, and a full checkpoint whose norm weights are ~0
-gets a warning.
+A name-detected delta whose final norm weights look like full weights (mean |w| > 0.5, where a delta holds ~0)
+is refused, and a full checkpoint whose norm weights are ~0 gets a warning.
 """
 
 from __future__ import annotations
@@ -31,40 +21,18 @@ from typing import Any
 
 import torch
 
-from .errors import LlavaConvertError
-from .hub import cached_repo_id, locate
-from .readers import (
-    WEIGHT_INDEX_NAMES,
-    WEIGHT_SINGLE_NAMES,
-    TensorRef,
-    dtype_size,
-    read_checkpoint,
-    read_torch_bin,
-    read_weight_file,
-    weight_files,
-)
-from .source import ADAPTER_CONFIG, PROJECTOR, OriginalCheckpoint, open_original, read_json
-from .validate import check_adapter_config, check_original_config
+from ..errors import LlavaConvertError
+from ..readers import TensorRef, dtype_size, read_checkpoint, read_torch_bin, read_weight_file
+from ..validate import check_adapter_config
+from . import ADAPTER_CONFIG, FORM_TITLES, NEEDS_BASE, OriginalCheckpoint, base_hint
 
-NEEDS_BASE = ("lora", "projector", "delta")
-FORM_TITLES = {
-    "full": "full checkpoint",
-    "lora": "LoRA adapter",
-    "projector": "projector-only checkpoint (pretrain stage)",
-    "delta": "delta weights",
-    "hf": "Hugging Face checkpoint",
-}
 EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
 NORM_KEY = "model.norm.weight"
-_DELTA_WORD = re.compile(r"(^|[-_.])delta([-_.]|$)", re.IGNORECASE)
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(\.(?P<adapter>[^.]+))?\.weight")
 # Keys a delta may hold that its base LLM lacks (the authors' apply_delta allows the projector only;
 # rotary inv_freq is a non-persistent buffer older transformers saved).
 _DELTA_ONLY = re.compile(r"model\.mm_projector\..+|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-# LLM shape fields that must agree between the checkpoint's config and its base LLM's.
-_BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-
 
 @dataclass(frozen=True)
 class Composite:
@@ -140,189 +108,6 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-def _has_full_weights(path: Path) -> bool:
-    if any((path / n).is_file() for n in (*WEIGHT_INDEX_NAMES, *WEIGHT_SINGLE_NAMES)):
-        return True
-    return any(p.name != "adapter_model.safetensors" for p in path.glob("*.safetensors")) or any(
-        path.glob("pytorch_model*.bin")
-    )
-
-
-def authors_name(path: Path, repo_id: str | None = None) -> str:
-    """The authors' `get_model_name_from_path` (folder name; parent_checkpoint-N for Trainer checkpoints)."""
-    parts = Path(repo_id).parts if repo_id else path.resolve().parts
-    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
-        return f"{parts[-2]}_{parts[-1]}"
-    return parts[-1]
-
-
-def detect_form(path: Path, *, name: str | None = None, delta: bool | None = None) -> str:
-    """Which form the checkpoint directory PATH is in: "full", "lora", "projector", "delta" or "hf".
-
-    Args:
-        path: a local checkpoint directory.
-        name: the name the authors' code would see (default: the directory's); a `delta` word in it marks a delta.
-        delta: True / False overrides the name rule (`--delta` / `--no-delta`).
-
-    Raises:
-        LlavaConvertError: `delta=True` for a directory that is a LoRA adapter or a projector-only save.
-
-    Example:
-        >>> detect_form(Path("llava-v1.5-7b-lora"))  # doctest: +SKIP
-        'lora'
-    """
-    form = None
-    if (path / ADAPTER_CONFIG).is_file():
-        form = "lora"
-    elif (path / "config.json").is_file():
-        try:
-            cfg = read_json(path / "config.json")
-        except LlavaConvertError:
-            cfg = {}
-        if "text_config" in cfg or "vision_config" in cfg:
-            form = "hf"
-    if form is None and (path / PROJECTOR).is_file() and not _has_full_weights(path):
-        form = "projector"
-    if form is not None:
-        if delta:
-            raise LlavaConvertError(f"--delta: {path} is a {FORM_TITLES[form]}, not delta weights")
-        return form
-    if delta is None:
-        delta = bool(_DELTA_WORD.search(name or authors_name(path)))
-    return "delta" if delta else "full"
-
-
-# The base LLMs of the authors' LoRA and projector-only releases as their MODEL_ZOO.md pairs them, keyed by the
-# name the release's files record for it (`./checkpoints/vicuna-7b-v1-5` on the machine it was trained on),
-# normalised by `_base_key`.
-MODEL_ZOO_BASES = {
-    "vicuna-7b-v1-5": "lmsys/vicuna-7b-v1.5",
-    "vicuna-13b-v1-5": "lmsys/vicuna-13b-v1.5",
-    "vicuna-7b-v1-3": "lmsys/vicuna-7b-v1.3",
-    "vicuna-13b-v1-3": "lmsys/vicuna-13b-v1.3",
-    "llama-2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
-    "llama-2-13b-chat": "meta-llama/Llama-2-13b-chat-hf",
-    "mpt-7b-chat": "mosaicml/mpt-7b-chat",
-}
-
-
-def _base_key(recorded: str) -> str:
-    name = re.sub(r"[._]", "-", recorded.rstrip("/").rsplit("/", 1)[-1].lower())
-    return name.removesuffix("-hf")
-
-
-def suggested_base(recorded: str | None) -> tuple[str | None, str]:
-    """A `--base` a user can pass for the base a release records, and why; (None, why) when there is none.
-
-    A Hub id is itself; a path from the training machine (`./checkpoints/vicuna-7b-v1-5`) becomes the Hub id the
-    authors' MODEL_ZOO pairs with it; a path that exists here is itself; any other path is not suggested."""
-    if not recorded:
-        return None, ""
-    known = MODEL_ZOO_BASES.get(_base_key(recorded))
-    if known is not None:
-        return known, "the base LLM the authors' MODEL_ZOO pairs with it"
-    if Path(recorded).is_dir():
-        return recorded, "the base LLM its files record"
-    from .hub import parse_repo_id
-
-    if not recorded.startswith((".", "/", "~")) and parse_repo_id(recorded):
-        return recorded, "the Hub id its files record"
-    return None, f"its files record {_base_key(recorded)!r} at a path of the machine it was trained on"
-
-
-def base_hint(ckpt: OriginalCheckpoint) -> str:
-    """What a checkpoint of a form that needs a base LLM asks for, with a base a user can pass."""
-    if ckpt.form == "lora":
-        recorded = read_json(ckpt.path / ADAPTER_CONFIG).get("base_model_name_or_path")
-    elif ckpt.form == "projector":
-        recorded = ckpt.config.get("_name_or_path")
-    else:
-        recorded = None
-    if ckpt.form == "delta":
-        return "delta weights (target = base + delta): pass --base <the base LLM the delta was made from>"
-    title = "LoRA adapter" if ckpt.form == "lora" else "projector-only checkpoint (pretrain stage)"
-    base, why = suggested_base(recorded if isinstance(recorded, str) else None)
-    if base:
-        return f"{title}: pass --base {base} ({why})"
-    return f"{title}: pass --base <the base LLM it was trained from>" + (f" ({why})" if why else "")
-
-
-def open_source(
-    source: Path | str,
-    *,
-    base: Path | str | None = None,
-    revision: str | None = None,
-    delta: bool | None = None,
-    require_base: bool = True,
-) -> OriginalCheckpoint:
-    """Find SOURCE (local or Hub), detect its form and attach its base LLM.
-
-    Args:
-        source: checkpoint directory or Hub repo id.
-        base: the base LLM (directory or Hub repo id) for lora / projector / delta checkpoints.
-        revision: Hub revision of SOURCE.
-        delta: force (True) or rule out (False) the delta form; default: by name.
-        require_base: raise when a form needs a base and none is given (`inspect` passes False).
-
-    Returns:
-        The checkpoint, with `base` and `tokenizer_path` set for the forms that need them.
-
-    Raises:
-        LlavaConvertError: unreadable SOURCE or base, a missing or unfit --base, --base for a full checkpoint.
-    """
-    found = locate(source, revision=revision, role="SOURCE")
-    if revision and found.repo_id is None:
-        raise LlavaConvertError(f"--revision {revision}: SOURCE {source} is a local directory, not a Hub repo id")
-    repo_id = found.repo_id or cached_repo_id(found.path)
-    form = detect_form(found.path, name=authors_name(found.path, repo_id), delta=delta)
-    ckpt = open_original(found.path, form="full" if form == "hf" else form, repo_id=repo_id)
-    if form not in NEEDS_BASE:
-        if base is not None:
-            raise LlavaConvertError(
-                f"--base {base}: {source} is a {FORM_TITLES[form]} with all its weights; --base is only for "
-                "LoRA adapters, projector-only checkpoints and delta weights"
-            )
-        return ckpt
-    if base is None:
-        if require_base:
-            raise LlavaConvertError(f"{source}: {base_hint(ckpt)}")
-        return ckpt
-    ckpt.base = locate(base, role="--base").path
-    _check_base(ckpt)
-    if form in ("lora", "projector"):  # the authors' builder: AutoTokenizer.from_pretrained(model_base)
-        ckpt.tokenizer_path = ckpt.base
-    ckpt.weight_files = [*ckpt.weight_files, *weight_files(ckpt.base)]
-    return ckpt
-
-
-def _check_base(ckpt: OriginalCheckpoint) -> None:
-    """The base LLM's config must describe the same network as the checkpoint's (its vocab is checked on weights)."""
-    base_cfg_path = ckpt.base / "config.json"
-    base_cfg = read_json(base_cfg_path)
-    check_original_config(base_cfg, base_cfg_path)
-    if "text_config" in base_cfg or "vision_config" in base_cfg:
-        raise LlavaConvertError(
-            f"--base {ckpt.base}: a Hugging Face multimodal checkpoint; pass the base language model "
-            "(e.g. lmsys/vicuna-7b-v1.5)"
-        )
-    what = {"lora": "LoRA", "projector": "projector", "delta": "delta"}[ckpt.form]
-    for key in _BASE_FIELDS:
-        mine = ckpt.config.get(key, ckpt.config.get("num_attention_heads") if key == "num_key_value_heads" else None)
-        theirs = base_cfg.get(key, base_cfg.get("num_attention_heads") if key == "num_key_value_heads" else None)
-        if mine is not None and theirs is not None and mine != theirs:
-            raise LlavaConvertError(
-                f"{base_cfg_path}: {key} {theirs} does not fit {ckpt.path / 'config.json'} ({key} {mine}); "
-                f"--base must be the LLM the {what} was made from"
-            )
-    if ckpt.form in ("lora", "projector") and not any(
-        (ckpt.base / f).is_file() for f in ("tokenizer.model", "tokenizer.json")
-    ):
-        raise LlavaConvertError(
-            f"--base {ckpt.base}: no tokenizer (tokenizer.model or tokenizer.json); the authors' loader takes "
-            f"the tokenizer of a {what} checkpoint from its base LLM"
-        )
-
-
 def read_tensors(ckpt: OriginalCheckpoint) -> tuple[dict[str, TensorRef | Composite], list[str]]:
     """Every tensor of the model the authors' loader would build, keyed by the authors' names; and warnings.
 
@@ -331,7 +116,7 @@ def read_tensors(ckpt: OriginalCheckpoint) -> tuple[dict[str, TensorRef | Compos
     if ckpt.form in NEEDS_BASE and ckpt.base is None:
         raise LlavaConvertError(f"{ckpt.path}: {base_hint(ckpt)}")
     if ckpt.form == "full":
-        tensors = read_checkpoint(ckpt.path)
+        tensors = read_checkpoint(ckpt.path, files=list(ckpt.weights))
         warnings = []
         if _looks_like_delta(tensors):
             warnings.append(
@@ -339,7 +124,7 @@ def read_tensors(ckpt: OriginalCheckpoint) -> tuple[dict[str, TensorRef | Compos
                 "convert it with --delta --base BASE"
             )
         return tensors, warnings
-    base = read_checkpoint(ckpt.base, origin="base")
+    base = read_checkpoint(ckpt.base, origin="base", files=list(ckpt.base_weights))
     if ckpt.form == "lora":
         tensors = _lora_tensors(ckpt, base)
     elif ckpt.form == "projector":
@@ -351,7 +136,7 @@ def read_tensors(ckpt: OriginalCheckpoint) -> tuple[dict[str, TensorRef | Compos
         vocab = ckpt.config.get("vocab_size")
         if rows is not None and vocab is not None and rows != vocab:
             raise LlavaConvertError(
-                f"--base {ckpt.base}: {EMBED_KEY} has {rows} rows but {ckpt.path / 'config.json'} has vocab_size "
+                f"--base {ckpt.base}: {EMBED_KEY} has {rows} rows but {ckpt.config_path} has vocab_size "
                 f"{vocab}; --base must be the LLM the {FORM_TITLES[ckpt.form]} was trained from"
             )
     return tensors, []
@@ -415,9 +200,9 @@ def _lora_tensors(ckpt: OriginalCheckpoint, base: dict[str, TensorRef]) -> dict[
     """Base LLM, then non_lora_trainables over it, then each targeted weight merged with its LoRA factors
     (the order of the authors' LoRA branch: from_pretrained(base), load_state_dict(non_lora), merge_and_unload)."""
     acfg_path = ckpt.path / ADAPTER_CONFIG
-    acfg = read_json(acfg_path)
+    acfg = ckpt.adapter_config
     _check_adapter_config(acfg, acfg_path)
-    adapter_path, non_lora_path = ckpt.weight_files[0], ckpt.weight_files[1]
+    adapter_path, non_lora_path = ckpt.adapter, ckpt.non_lora_trainables
     adapter = read_weight_file(adapter_path, origin="adapter")
     non_lora = read_torch_bin(non_lora_path, origin="non_lora_trainables")
 
@@ -481,7 +266,7 @@ def _lora_tensors(ckpt: OriginalCheckpoint, base: dict[str, TensorRef]) -> dict[
 
 def _projector_tensors(ckpt: OriginalCheckpoint, base: dict[str, TensorRef]) -> dict[str, TensorRef]:
     """Base LLM with mm_projector.bin loaded over it (the authors' projector-only branch, strict=False)."""
-    path = ckpt.weight_files[0]
+    path = ckpt.projector
     proj = read_torch_bin(path, origin="mm_projector")
     tensors = dict(base)
     for key, ref in proj.items():
@@ -496,7 +281,7 @@ def _projector_tensors(ckpt: OriginalCheckpoint, base: dict[str, TensorRef]) -> 
 
 def _delta_tensors(ckpt: OriginalCheckpoint, base: dict[str, TensorRef]) -> dict[str, TensorRef | Composite]:
     """target = base + delta per delta key; extra vocab rows of embed / lm_head from the delta as they are."""
-    delta = read_checkpoint(ckpt.path, origin="delta")
+    delta = read_checkpoint(ckpt.path, origin="delta", files=list(ckpt.weights))
     norm = delta.get(NORM_KEY)
     if norm is not None and norm.dtype.is_floating_point and float(norm.load().float().abs().mean()) > 0.5:
         raise LlavaConvertError(
