@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from llava_convert import card
 from llava_convert.cli import main
 from llava_convert.convert import convert, plan_conversion
 from llava_convert.errors import LlavaConvertError
@@ -104,6 +107,38 @@ def test_authors_model_name_for_trainer_checkpoints(tmp_path):
     assert plan.source.form == "full" and plan.source.name == "llava-v1.5-tiny-run_checkpoint-5"
     assert plan.chat_template == "llava_v1"
     assert [p.name for p in plan.source.weights] == ["pytorch_model.bin"]
+
+
+def test_open_original_names_every_file_and_provenance_and_card_list_them(tmp_path):
+    base = write_base(tmp_path)
+    lora = write_lora(tmp_path)
+    alone = open_original(lora, require_base=False)
+    assert (alone.base, alone.base_weights, alone.tokenizer_dir) == (None, (), lora)
+    ckpt = open_original(lora, base=base)
+    assert ckpt.form == "lora" and ckpt.weights == () and ckpt.projector is None
+    assert ckpt.adapter == lora / "adapter_model.safetensors"
+    assert ckpt.non_lora_trainables == lora / "non_lora_trainables.bin"
+    assert ckpt.adapter_config["r"] == 4
+    assert ckpt.base == base and ckpt.tokenizer_dir == base  # the authors' builder takes the base's tokenizer
+    assert [p.name for p in ckpt.base_weights] == ["model.safetensors"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ckpt.base = None
+    roles = {(f.role, f.path) for f in ckpt.input_files()}
+    assert {("weights", ckpt.adapter), ("weights", ckpt.non_lora_trainables), ("config", lora / "config.json"),
+            ("weights", base / "model.safetensors"), ("tokenizer", base / "tokenizer.model")} <= roles
+    assert not {p for r_, p in roles if r_ == "tokenizer" and p.parent == lora}
+    proj = open_original(write_projector(tmp_path), base=base)
+    assert proj.projector.name == "mm_projector.bin" and proj.own_files == (proj.projector,)
+
+    out = tmp_path / "hf"
+    r = run("convert", lora, out, "--base", base, "--quiet")
+    assert r.exit_code == 0, r.output
+    prov = json.loads((out / "provenance.json").read_text())
+    weights = {Path(f["path"]) for f in prov["files"] if f["role"] == "weights"}
+    assert {ckpt.adapter, ckpt.non_lora_trainables, *ckpt.base_weights} <= weights
+    facts = card.read_facts(out / "README.md")
+    assert {"adapter_model.safetensors", "non_lora_trainables.bin"} <= {f["name"] for f in facts["source"]["files"]}
+    assert "model.safetensors" in {f["name"] for f in facts["base"]["files"]}
 
 
 # --- LoRA -------------------------------------------------------------------------------------
