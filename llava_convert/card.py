@@ -152,9 +152,9 @@ def convert_facts(plan, output: Path, command: str | None) -> dict[str, Any]:
     """The card's facts for `convert`: the plan's source, tower, base, tables, dtype and quantization."""
     src = plan.source
     tower_files = plan.tower.weight_files if not src.tower_in_checkpoint else []
-    base = getattr(src, "base", None)
-    own = [p for p in src.weight_files if base is None or Path(p).parent != Path(base)]
-    source = describe_dir(src.path, own, repo_id=src.repo_id)
+    base = src.base
+    weights = [f.path for f in src.input_files() if f.role == "weights"]  # describe_dir keeps a folder's own
+    source = describe_dir(src.path, weights, repo_id=src.repo_id)
     source["form"] = src.form
     tables = ["llava.toml"] + ([] if src.tower_in_checkpoint else ["clip.toml"])
     spec = next((e.quant for e in plan.entries if getattr(e, "quant", None) is not None), None)
@@ -165,9 +165,7 @@ def convert_facts(plan, output: Path, command: str | None) -> dict[str, Any]:
         "name": output.name,
         "output": str(output),
         "source": source,
-        "base": describe_dir(Path(base), [p for p in src.weight_files if Path(p).parent == Path(base)])
-        if base is not None
-        else None,
+        "base": describe_dir(base, weights) if base is not None else None,
         "vision_tower": describe_dir(plan.tower.path, tower_files),
         "architecture": plan.config["architectures"][0],
         "model_type": plan.config.get("model_type"),

@@ -27,6 +27,7 @@ from PIL import Image
 
 from .errors import CheckFailed, LlavaConvertError
 from .layouts import HF_MODEL_TYPES, to_v5
+from .original import read_json
 from .plan import DTYPES
 from .readers import TensorRef, read_checkpoint
 from .reference import (
@@ -42,7 +43,6 @@ from .reference import (
     materialize_buffers,
     quiet,
 )
-from .source import read_json
 
 DEFAULT_PROMPT = "What is shown in this image?"
 DEFAULT_MAX_NEW_TOKENS = 8

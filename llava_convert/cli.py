@@ -281,10 +281,10 @@ def _print_plan(plan, as_json: bool) -> None:
 def inspect(source, base, revision, delta, vision_tower, as_json):
     """Describe SOURCE: detected form and family, files, what else it needs, folded config and the plan."""
     from .convert import plan_conversion
-    from .forms import FORM_TITLES, NEEDS_BASE, base_hint, open_source
+    from .original import FORM_TITLES, NEEDS_BASE, base_hint, open_original
 
     if base is None:
-        ckpt = open_source(source, revision=revision, delta=delta, require_base=False)
+        ckpt = open_original(source, revision=revision, delta=delta, require_base=False)
         if ckpt.form in NEEDS_BASE:
             info = {
                 "source": str(ckpt.path),
@@ -292,7 +292,7 @@ def inspect(source, base, revision, delta, vision_tower, as_json):
                 "backbone": ckpt.backbone,
                 "needs": "--base",
                 "message": base_hint(ckpt),
-                "files": [str(p) for p in ckpt.weight_files],
+                "files": [str(p) for p in ckpt.own_files],
             }
             if as_json:
                 click.echo(json.dumps(info, indent=2))
@@ -304,7 +304,7 @@ def inspect(source, base, revision, delta, vision_tower, as_json):
     plan = plan_conversion(source, base=base, revision=revision, delta=delta, vision_tower=vision_tower)
     _echo_warnings(plan)
     s = plan.summary()
-    s["files"] = [str(p) for p in plan.source.weight_files]
+    s["files"] = [str(f.path) for f in plan.source.input_files() if f.role == "weights"]
     s["config"] = plan.config
     s["base"] = str(plan.source.base) if plan.source.base else None
     if as_json:

@@ -16,14 +16,15 @@ from tqdm import tqdm
 from . import transforms
 from .card import convert_facts, in_background, write_card
 from .errors import LlavaConvertError
-from .forms import open_source, read_tensors
 from .hfconfig import llava_config
 from .layouts import EMBED_KEY
 from .logs import quiet
 from .mapping import MapResult, check_targets, load_table, map_tensors, raise_if
+from .original import open_original, read_json
+from .original.merge import read_tensors
+from .original.tower import find_vision_tower
 from .plan import DTYPES, Plan, TensorSource, apply_quantization, compute_entry, source_order
 from .processor import (
-    TOKENIZER_FILES,
     build_processor,
     choose_chat_template,
     plan_tokens,
@@ -31,7 +32,6 @@ from .processor import (
 )
 from .quantize import QuantSpec
 from .readers import read_checkpoint
-from .source import find_vision_tower, read_json
 from .target import build_target
 from .validate import check_llm_against_tensors, check_tower_against
 from .writer import Provenance, assign_shards, staged_output, write_shards
@@ -65,13 +65,13 @@ def plan_conversion(
     """Plan the conversion of an original checkpoint, validating it completely; reads no tensor data
     (but the final norm weight, a few KB, to tell delta weights from full ones).
 
-    SOURCE may be any form of original checkpoint (full, LoRA, projector-only, delta; see forms.py), given
+    SOURCE may be any form of original checkpoint (full, LoRA, projector-only, delta; see original/), given
     as a directory or a Hub repo id; `base` is the base LLM the last three need.
 
     Raises:
         LlavaConvertError: bad input (missing files, unsupported configuration, unmapped keys, shape mismatches).
     """
-    ckpt = open_source(source, base=base, revision=revision, delta=delta)
+    ckpt = open_original(source, base=base, revision=revision, delta=delta)
     tower = find_vision_tower(ckpt, vision_tower)
     tensors, form_warnings = read_tensors(ckpt)
     if EMBED_KEY not in tensors:
@@ -163,17 +163,11 @@ def provenance(plan: Plan) -> Provenance:
     prov = Provenance("convert")
     for role, path in plan_inputs(plan):
         prov.add_input(role, path)
-    prov.add_file("config", plan.source.path / "config.json")
-    for name in TOKENIZER_FILES:
-        if (plan.source.tokenizer_dir / name).is_file():
-            prov.add_file("tokenizer", plan.source.tokenizer_dir / name)
-    gen = plan.source.tokenizer_dir / "generation_config.json"
-    if gen.is_file():
-        prov.add_file("generation_config", gen)
+    for f in plan.source.input_files():
+        prov.add_file(f.role, f.path, hash_it=f.role != "weights")
     for name in ("config.json", "preprocessor_config.json"):
         prov.add_file("vision_tower", plan.tower.path / name)
-    weights = {leaf.path for e in plan.entries for s in e.sources for leaf in s.leaves()}
-    for path in sorted(weights):
+    for path in plan.tower.weight_files:  # none when the checkpoint carries the tower
         prov.add_file("weights", path, hash_it=False)
     return prov
 
@@ -251,7 +245,7 @@ def convert(
 
     Args:
         source: the original checkpoint: a directory or Hub repo id, in any form (full, LoRA adapter,
-            projector-only, delta; see forms.py).
+            projector-only, delta; see original/).
         output: directory to create; written atomically (a failed run leaves nothing behind).
         base: the base LLM (directory or Hub repo id) a LoRA / projector-only / delta SOURCE is applied to.
         revision: Hub revision of SOURCE.

@@ -16,10 +16,10 @@ from tqdm import tqdm
 from .card import quantize_facts, write_card
 from .errors import LlavaConvertError
 from .layouts import HF_MODEL_TYPES
+from .original import read_json
 from .plan import PlanEntry, apply_quantization, compute_entry
 from .quantize import QuantSpec
 from .readers import check_input_file, read_checkpoint
-from .source import read_json
 from .writer import Provenance, assign_shards, staged_output, write_shards
 
 # The files of a Hugging Face llava checkpoint besides weights and config.json, copied as they are.

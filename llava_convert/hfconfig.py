@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import LlavaConvertError
-from .source import OriginalCheckpoint, VisionTower
+from .original import OriginalCheckpoint
+from .original.tower import VisionTower
 
 VOCAB_MULTIPLE = 64
 

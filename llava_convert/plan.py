@@ -19,9 +19,10 @@ import torch
 
 from . import transforms
 from .hfconfig import Vocab
+from .original import OriginalCheckpoint
+from .original.tower import VisionTower
 from .quantize import QUANT_STATE_MAX, QuantSpec, quantize_tensor, quantized_outputs, should_quantize
 from .readers import TensorRef, dtype_size
-from .source import OriginalCheckpoint, VisionTower
 
 # Output dtypes by name (`--dtype`).
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

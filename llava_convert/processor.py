@@ -11,8 +11,9 @@ from typing import Any
 from .errors import LlavaConvertError
 from .hfconfig import Vocab, plan_vocab
 from .logs import quiet
+from .original import TOKENIZER_FILES, OriginalCheckpoint, read_json
+from .original.tower import VisionTower
 from .readers import check_input_file
-from .source import OriginalCheckpoint, VisionTower, read_json
 from .templates import RELEASE_NAMES, TemplateChoice, authors_name_rule, template_for
 
 IMAGE_TOKEN = "<image>"
@@ -48,10 +49,6 @@ def load_tokenizer(path: Path, *, legacy: bool = True):
             return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
         raise LlavaConvertError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
-
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 
 
 def _check_spm(path: Path) -> None:

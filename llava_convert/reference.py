@@ -36,17 +36,12 @@ from torch import nn
 
 from .errors import LlavaConvertError
 from .logs import quiet
+from .original import open_original, read_json
+from .original.merge import read_tensors
+from .original.tower import VisionTower, find_vision_tower
 from .plan import DTYPES
 from .processor import choose_chat_template
 from .readers import TensorRef, read_checkpoint, weight_files
-from .source import (
-    ORIGINAL_MODEL_TYPES,
-    OriginalCheckpoint,
-    VisionTower,
-    find_vision_tower,
-    open_original,
-    read_json,
-)
 
 IMAGE_TOKEN_INDEX = -200
 DEFAULT_IMAGE_TOKEN = "<image>"
@@ -503,25 +498,6 @@ def clip_vision_state(refs: dict[str, TensorRef], *, where: str) -> dict[str, Te
 # ----------------------------------------------------------------------------------------------------------
 
 
-def open_reference_checkpoint(path: Path) -> OriginalCheckpoint:
-    """`source.open_original`, but also for projectors the converter refuses (`mlp{N}x_gelu` N != 2, `identity`):
-    the reference runs them as the authors do."""
-    try:
-        return open_original(path)
-    except LlavaConvertError:
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise
-        config = read_json(cfg_path)
-        ptype = config.get("mm_projector_type", "linear")
-        if not (_MLP.match(ptype) or ptype == "identity") or "mm_vision_tower" not in config:
-            raise
-        if "text_config" in config or config.get("model_type") not in (*ORIGINAL_MODEL_TYPES, None):
-            raise
-        backbone = "mistral" if config.get("model_type") == "llava_mistral" else "llama"
-        return OriginalCheckpoint(path, config, "full", backbone, weight_files(path))
-
-
 @dataclass
 class ImageStages:
     """Every intermediate the reference produces for one image (float tensors on CPU)."""
@@ -622,15 +598,13 @@ class ReferenceModel:
     ):
         from transformers import AutoTokenizer, CLIPImageProcessorPil
 
-        if base is not None or delta:
-            # LoRA / projector-only / delta: the merged model the authors' loader builds, tensor by tensor.
-            from .forms import open_source, read_tensors
-
-            self.ckpt = open_source(path, base=base, delta=delta)
-            self.tensors, _ = read_tensors(self.ckpt)
-        else:
-            self.ckpt = open_reference_checkpoint(Path(path))
-            self.tensors = read_checkpoint(self.ckpt.path)
+        # Any form (LoRA / projector-only / delta: the merged model the authors' loader builds, tensor by
+        # tensor), also with projectors the converter refuses (`mlp{N}x_gelu` N != 2, `identity`): the
+        # reference runs them as the authors do. Without --base or --delta, a full checkpoint whatever its name.
+        self.ckpt = open_original(
+            path, base=base, delta=delta if base is not None or delta else False, representable=False
+        )
+        self.tensors, _ = read_tensors(self.ckpt)
         if vision_tower is not None and Path(vision_tower).exists():
             vision_tower = Path(vision_tower)
         self.tower = find_vision_tower(self.ckpt, vision_tower)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,10 +25,12 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from llava_convert import card
 from llava_convert.cli import main
 from llava_convert.convert import convert, plan_conversion
 from llava_convert.errors import LlavaConvertError
-from llava_convert.forms import authors_name, authors_non_lora_keys, detect_form
+from llava_convert.original import open_original
+from llava_convert.original.merge import authors_non_lora_keys
 from llava_convert.plan import Composite
 from llava_convert.readers import read_safetensors
 
@@ -62,26 +66,34 @@ def _base_state(base) -> dict[str, torch.Tensor]:
 # --- detection ----------------------------------------------------------------------------------
 
 
+def _form(path, **kw) -> str:
+    return open_original(path, require_base=False, **kw).form
+
+
 def test_detect_form(tmp_path):
     full = write_original(tmp_path)
     lora = write_lora(tmp_path)
     proj = write_projector(tmp_path)
     base = write_base(tmp_path)
     delta = write_delta(tmp_path, _base_state(base), name="LLaVA-tiny-delta-v0")
-    assert detect_form(full) == "full"
-    assert detect_form(lora) == "lora"
-    assert detect_form(proj) == "projector"
-    assert detect_form(delta) == "delta"  # by its name
-    assert detect_form(delta, delta=False) == "full"  # --no-delta
-    assert detect_form(full, delta=True) == "delta"  # --delta
+    assert _form(full) == "full"
+    assert _form(lora) == "lora"
+    assert _form(proj) == "projector"
+    assert _form(delta) == "delta"  # by its name
+    assert _form(delta, delta=False) == "full"  # --no-delta
+    assert _form(full, delta=True) == "delta"  # --delta
     # "delta" must be a word of the name, not any substring
-    assert detect_form(full, name="llava-v1.5-deltanet") == "full"
-    assert detect_form(full, name="llava_delta") == "delta"
+    for name, form in (("llava-v1.5-deltanet", "full"), ("llava_delta", "delta")):
+        shutil.copytree(full, tmp_path / name)
+        assert _form(tmp_path / name) == form
     with pytest.raises(LlavaConvertError, match="--delta: .* is a LoRA adapter"):
-        detect_form(lora, delta=True)
+        _form(lora, delta=True)
     hf = tmp_path / "hf"
     convert(full, hf, progress=False)
-    assert detect_form(hf) == "hf"
+    with pytest.raises(LlavaConvertError, match="already a Hugging Face checkpoint"):
+        _form(hf)
+    with pytest.raises(LlavaConvertError, match="--delta: .* is a Hugging Face checkpoint"):
+        _form(hf, delta=True)
 
 
 def test_authors_model_name_for_trainer_checkpoints(tmp_path):
@@ -91,11 +103,43 @@ def test_authors_model_name_for_trainer_checkpoints(tmp_path):
     torch.save({"lr": 1.0}, ckpt / "training_args.bin")
     torch.save({"x": torch.zeros(2)}, ckpt / "optimizer.pt")
     torch.save({"python": 0}, ckpt / "rng_state.pth")
-    assert authors_name(ckpt) == "llava-v1.5-tiny-run_checkpoint-5"
+    assert open_original(ckpt).name == "llava-v1.5-tiny-run_checkpoint-5"
     plan = plan_conversion(ckpt)
     assert plan.source.form == "full" and plan.source.name == "llava-v1.5-tiny-run_checkpoint-5"
     assert plan.chat_template == "llava_v1"
-    assert [p.name for p in plan.source.weight_files] == ["pytorch_model.bin"]
+    assert [p.name for p in plan.source.weights] == ["pytorch_model.bin"]
+
+
+def test_open_original_names_every_file_and_provenance_and_card_list_them(tmp_path):
+    base = write_base(tmp_path)
+    lora = write_lora(tmp_path)
+    alone = open_original(lora, require_base=False)
+    assert (alone.base, alone.base_weights, alone.tokenizer_dir) == (None, (), lora)
+    ckpt = open_original(lora, base=base)
+    assert ckpt.form == "lora" and ckpt.weights == () and ckpt.projector is None
+    assert ckpt.adapter == lora / "adapter_model.safetensors"
+    assert ckpt.non_lora_trainables == lora / "non_lora_trainables.bin"
+    assert ckpt.adapter_config["r"] == 4
+    assert ckpt.base == base and ckpt.tokenizer_dir == base  # the authors' builder takes the base's tokenizer
+    assert [p.name for p in ckpt.base_weights] == ["model.safetensors"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ckpt.base = None
+    roles = {(f.role, f.path) for f in ckpt.input_files()}
+    assert {("weights", ckpt.adapter), ("weights", ckpt.non_lora_trainables), ("config", lora / "config.json"),
+            ("weights", base / "model.safetensors"), ("tokenizer", base / "tokenizer.model")} <= roles
+    assert not {p for r_, p in roles if r_ == "tokenizer" and p.parent == lora}
+    proj = open_original(write_projector(tmp_path), base=base)
+    assert proj.projector.name == "mm_projector.bin" and proj.own_files == (proj.projector,)
+
+    out = tmp_path / "hf"
+    r = run("convert", lora, out, "--base", base, "--quiet")
+    assert r.exit_code == 0, r.output
+    prov = json.loads((out / "provenance.json").read_text())
+    weights = {Path(f["path"]) for f in prov["files"] if f["role"] == "weights"}
+    assert {ckpt.adapter, ckpt.non_lora_trainables, *ckpt.base_weights} <= weights
+    facts = card.read_facts(out / "README.md")
+    assert {"adapter_model.safetensors", "non_lora_trainables.bin"} <= {f["name"] for f in facts["source"]["files"]}
+    assert "model.safetensors" in {f["name"] for f in facts["base"]["files"]}
 
 
 # --- LoRA -------------------------------------------------------------------------------------
