@@ -14,12 +14,13 @@ from typing import Any
 import torch
 
 from . import transforms
+from .authors.templates import choose_chat_template
 from .errors import LlavaConvertError
 from .forms import open_source, read_tensors
 from .hfconfig import Vocab, llava_config
 from .logs import quiet
 from .mapping import MapResult, PlanEntry, check_targets, load_table, map_tensors, raise_if
-from .processor import TOKENIZER_FILES, choose_chat_template, plan_tokens
+from .processor import TOKENIZER_FILES, plan_tokens
 from .quantize import QuantSpec, quantize_tensor, should_quantize
 from .readers import TensorRef, read_checkpoint
 from .source import OriginalCheckpoint, VisionTower, find_vision_tower, read_json
@@ -349,7 +350,7 @@ def convert(
         dtype: "auto" (the checkpoint's own), "float16", "bfloat16" or "float32".
         max_shard_size: largest shard, e.g. "5GB" or a byte count.
         chat_template: one of the authors' conversation modes; default: chosen from the Hub repo id, the
-            config and, last, the name (`processor.choose_chat_template`; the plan records why).
+            config and, last, the name (`authors.templates.choose_chat_template`; the plan records why).
         quantize: write Linear weights bitsandbytes-quantized (int8, nf4, fp4) as the spec says.
         dry_run: plan and validate only; write nothing.
         force: replace an existing OUTPUT.

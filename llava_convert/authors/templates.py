@@ -1,17 +1,149 @@
-"""Chat templates reproducing the authors' conversation templates (`llava/conversation.py`).
+"""The authors' conversation templates (`llava/conversation.py`) and how a model's mode is chosen.
 
-`apply_chat_template(messages, add_generation_prompt=True)` renders the same string as the authors'
-`Conversation.get_prompt()` for the same turns, with an image item rendered as `<image>\\n` before the
-text as the authors' `run_llava.py` does. A converted checkpoint's template also writes `bos_token` first
-when the authors' ids start with BOS, and a space where they tokenize a fresh string (see
-`processor.PromptStyle`), so that the rendered prompt tokenizes to the authors' ids.
+`CONV_TEMPLATES` holds each of the authors' `Conversation`s once, as their fields (system text, roles,
+separator style, separators). Both renderings come from that one table:
+
+* `Conversation.get_prompt` / `authors_prompt`: the authors' own algorithm in Python, what the reference
+  (`reference.py`) prompts with;
+* `TEMPLATES` / `template_for`: a Jinja chat template per mode, written into a converted checkpoint.
+  `apply_chat_template(messages, add_generation_prompt=True)` renders the same string as the authors'
+  `Conversation.get_prompt()` for the same turns, with an image item rendered as `<image>\\n` before the
+  text as the authors' `run_llava.py` does. A converted checkpoint's template also writes `bos_token` first
+  when the authors' ids start with BOS, and a space where they tokenize a fresh string (see
+  `authors.tokenizer.PromptStyle`), so that the rendered prompt tokenizes to the authors' ids.
+
+The authors' choice of mode from a model name (`run_llava.py`) is `authors_name_rule`; `choose_chat_template`
+is how a conversion (and the reference beside it) decides, using the config where the name does not.
+The oracle tier checks both renderings against the authors' code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .errors import LlavaConvertError
+from ..errors import LlavaConvertError
+from .tokenizer import DEFAULT_IMAGE_TOKEN, IM_END_TOKEN, IM_START_TOKEN, IMAGE_PLACEHOLDER, tokenizer_has
+
+if TYPE_CHECKING:
+    from ..source import OriginalCheckpoint
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One of the authors' `Conversation` templates (the fields `get_prompt` reads)."""
+
+    system: str
+    roles: tuple[str, str]
+    style: str  # SINGLE | TWO | MPT | LLAMA_2
+    sep: str
+    sep2: str | None = None
+
+    def get_prompt(self, messages: list[tuple[str, str | None]]) -> str:
+        """`Conversation.get_prompt` for plain-string messages (`None` = the turn to be generated)."""
+        if self.style == "SINGLE":
+            ret = self.system + self.sep
+            for role, message in messages:
+                ret += role + ": " + message + self.sep if message else role + ":"
+        elif self.style == "TWO":
+            seps = [self.sep, self.sep2 or ""]
+            ret = self.system + seps[0]
+            for i, (role, message) in enumerate(messages):
+                ret += role + ": " + message + seps[i % 2] if message else role + ":"
+        elif self.style == "MPT":
+            ret = self.system + self.sep
+            for role, message in messages:
+                ret += role + message + self.sep if message else role
+        elif self.style == "LLAMA_2":
+            ret = ""
+            for i, (_role, message) in enumerate(messages):
+                if not message:
+                    continue
+                if i == 0 and self.system:
+                    message = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n" + message
+                if i % 2 == 0:
+                    ret += self.sep + f"[INST] {message} [/INST]"
+                else:
+                    ret += " " + message + " " + (self.sep2 or "")
+            ret = ret.lstrip(self.sep)  # sic: a character-set strip, as the authors do
+        else:
+            raise ValueError(f"unknown separator style {self.style!r}")
+        return ret
+
+    def prompt(self, query: str) -> str:
+        return self.get_prompt([(self.roles[0], query), (self.roles[1], None)])
+
+    def jinja(self) -> str:
+        """The Jinja chat template that renders what `get_prompt` does (without the image/BOS header)."""
+        user, assistant = self.roles
+        if self.style == "SINGLE":
+            return _sep_single(self.system, user, assistant, self.sep)
+        if self.style == "TWO":
+            return _sep_two(self.system, user, assistant, self.sep, self.sep2 or "")
+        if self.style == "MPT":
+            return _mpt(self.system, user, assistant, self.sep)
+        if self.style == "LLAMA_2":
+            return _llama_2(self.system, self.sep, self.sep2 or "")
+        raise ValueError(f"unknown separator style {self.style!r}")
+
+
+_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+_CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+
+CONV_TEMPLATES: dict[str, Conversation] = {
+    "llava_v0": Conversation(_V1_SYSTEM, ("Human", "Assistant"), "SINGLE", "###"),
+    "llava_v1": Conversation(_V1_SYSTEM, ("USER", "ASSISTANT"), "TWO", " ", "</s>"),
+    "vicuna_v1": Conversation(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        ("USER", "ASSISTANT"),
+        "TWO",
+        " ",
+        "</s>",
+    ),
+    "llava_llama_2": Conversation(
+        "You are a helpful language and vision assistant. "
+        "You are able to understand the visual content that the user provides, "
+        "and assist the user with a variety of tasks using natural language.",
+        ("USER", "ASSISTANT"),
+        "LLAMA_2",
+        "<s>",
+        "</s>",
+    ),
+    "mistral_instruct": Conversation("", ("USER", "ASSISTANT"), "LLAMA_2", "", "</s>"),
+    "chatml_direct": Conversation("<|im_start|>system\nAnswer the questions.", _CHATML_ROLES, "MPT", "<|im_end|>"),
+    "mpt": Conversation(
+        "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
+        "The assistant gives helpful and honest answers.",
+        _CHATML_ROLES,
+        "MPT",
+        "<|im_end|>",
+    ),
+}
+
+
+def authors_prompt(question: str, conv_mode: str, *, im_start_end: bool = False) -> str:
+    """The prompt `run_llava.py` builds for one image and QUESTION."""
+    image = IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + IM_END_TOKEN if im_start_end else DEFAULT_IMAGE_TOKEN
+    if IMAGE_PLACEHOLDER in question:
+        qs = question.replace(IMAGE_PLACEHOLDER, image)
+    else:
+        qs = image + "\n" + question
+    try:
+        conv = CONV_TEMPLATES[conv_mode]
+    except KeyError:
+        raise LlavaConvertError(
+            f"unknown conversation mode {conv_mode!r} (known: {', '.join(sorted(CONV_TEMPLATES))})"
+        ) from None
+    return conv.prompt(qs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same templates in Jinja, one builder per separator style
+# ----------------------------------------------------------------------------------------------------------
 
 # Renders a message's content: a plain string, or a list of {"type": "image"} / {"type": "text"} items.
 _RENDER = (
@@ -96,41 +228,8 @@ def _mpt(system: str, user: str, assistant: str, sep: str) -> str:
     )
 
 
-_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
-TEMPLATES: dict[str, str] = {
-    "llava_v1": _sep_two(_V1_SYSTEM, "USER", "ASSISTANT", " ", "</s>"),
-    "vicuna_v1": _sep_two(
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        "USER",
-        "ASSISTANT",
-        " ",
-        "</s>",
-    ),
-    "llava_v0": _sep_single(_V1_SYSTEM, "Human", "Assistant", "###"),
-    "llava_llama_2": _llama_2(
-        "You are a helpful language and vision assistant. "
-        "You are able to understand the visual content that the user provides, "
-        "and assist the user with a variety of tasks using natural language.",
-        "<s>",
-        "</s>",
-    ),
-    "mistral_instruct": _llama_2("", "", "</s>"),
-    "chatml_direct": _mpt(
-        "<|im_start|>system\nAnswer the questions.", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"
-    ),
-    "mpt": _mpt(
-        "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
-        "The assistant gives helpful and honest answers.",
-        "<|im_start|>user\n",
-        "<|im_start|>assistant\n",
-        "<|im_end|>",
-    ),
-}
+# The Jinja chat templates written into converted checkpoints, generated from CONV_TEMPLATES.
+TEMPLATES: dict[str, str] = {name: conv.jinja() for name, conv in CONV_TEMPLATES.items()}
 
 
 def template_for(name: str, *, image_text: str = "<image>\n", bos: bool = False, start: str = "") -> str:
@@ -191,3 +290,61 @@ def authors_name_rule(model_name: str) -> tuple[str, str | None]:
 def authors_conv_mode(model_name: str) -> str:
     """The authors' choice of conversation mode from the checkpoint name (`llava/eval/run_llava.py`)."""
     return authors_name_rule(model_name)[0]
+
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# The LLaVA-1.5 / 1.6 recipe (two-layer MLP projector) on a Llama-family LLM: every release of it (Vicuna
+# v1.5, and the Yi / Mistral ones decided before this rule) was trained and evaluated with the v1 conversation.
+_V1_PROJECTOR = "mlp2x_gelu"
+
+
+def choose_chat_template(ckpt: OriginalCheckpoint, override: str | None = None) -> TemplateChoice:
+    """The authors' conversation mode for CKPT, chosen from what identifies the model, and why.
+
+    In order: `override` (--chat-template); the Hub repo id (SOURCE given as one, or a snapshot folder of the
+    HF cache) through the authors' name rule when one of its markers is in the name; the config's own fields
+    where they decide it (a Mistral backbone; a ChatML tokenizer, as Yi's; the LLaVA-1.5 / 1.6 MLP projector on
+    a Llama backbone); last, as the authors do, the folder name, with a warning when that name is not the name
+    of a release.
+
+    Example:
+        >>> choose_chat_template(open_original(Path("llava-v1.5-7b"))).name  # doctest: +SKIP
+        'llava_v1'
+    """
+    if override:
+        template_for(override)  # an unknown name fails while planning, so --dry-run refuses it too
+        return TemplateChoice(override, "given with --chat-template")
+    if ckpt.repo_id:
+        repo_name = ckpt.name
+        mode, marker = authors_name_rule(repo_name)
+        if marker is not None:
+            return TemplateChoice(
+                mode, f"from the Hub repo id {ckpt.repo_id} ('{marker}' in its name, the authors' run_llava.py rule)"
+            )
+    if ckpt.backbone == "mistral":
+        return TemplateChoice(
+            "mistral_instruct", f"config.json model_type {ckpt.config.get('model_type')!r} (a Mistral backbone)"
+        )
+    if tokenizer_has(ckpt.tokenizer_dir, CHATML_TOKENS):
+        return TemplateChoice("chatml_direct", "the tokenizer has the ChatML tokens <|im_start|> / <|im_end|>")
+    if ckpt.projector_type == _V1_PROJECTOR:
+        return TemplateChoice(
+            "llava_v1",
+            f"config.json mm_projector_type {_V1_PROJECTOR!r} on a Llama backbone (the LLaVA-1.5 / 1.6 recipe)",
+        )
+    name = ckpt.name
+    mode, marker = authors_name_rule(name)
+    rule = f"'{marker}' in it" if marker else "no marker in it, the authors' default"
+    where = f"the Hub repo name {name!r}" if ckpt.repo_id else f"the folder name {name!r}"
+    choice = f"from {where} ({rule}, the authors' run_llava.py rule)"
+    warning = None
+    if name.lower() not in RELEASE_NAMES:
+        warning = (
+            f"chat template {mode!r} chosen {choice}, which does not name a LLaVA release and config.json does not "
+            "decide it; pass --chat-template if the model was trained with another conversation mode"
+        )
+    return TemplateChoice(mode, choice, warning)
+
+
+def chat_template_name(ckpt: OriginalCheckpoint, override: str | None) -> str:
+    return choose_chat_template(ckpt, override).name
