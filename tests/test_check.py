@@ -454,7 +454,8 @@ def test_help():
 
 
 def test_conversation_port_matches_chat_templates(v15):
-    """Two independent implementations of the authors' templates: the Jinja ones and the Python port."""
+    """The two renderings of the authors' templates agree: the Jinja ones (through the processor) and the
+    Python port of `get_prompt`."""
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(str(v15[1]))

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 from builders import write_original
+from jinja2 import Environment
 
 from llava_convert.authors.templates import (
     AUTHORS_DEFAULT_MODE,
@@ -67,3 +68,21 @@ def test_vision_tower_path_from_the_training_machine_suggests_the_hub_id(tmp_pat
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LlavaConvertError, match=r"e\.g\. --vision-tower openai/clip-vit-large-patch14-336 "):
         plan_conversion(ckpt)
+
+
+@pytest.mark.parametrize("mode", sorted(CONV_TEMPLATES))
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_chat_template_renders_the_authors_get_prompt_over_several_turns(mode, system):
+    """Both renderings of a Conversation agree: 2 user turns, an answer, a system message or not."""
+    conv = CONV_TEMPLATES[mode] if system is None else replace(CONV_TEMPLATES[mode], system=system)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    got = Environment().from_string(template_for(mode)).render(messages=messages, add_generation_prompt=True)
+    user, assistant = conv.roles
+    turns = [(user, "<image>\nWhat is it?"), (assistant, "A cat."), (user, "And its colour?"), (assistant, None)]
+    assert got == conv.get_prompt(turns)

@@ -77,11 +77,11 @@ class Conversation:
         """The Jinja chat template that renders what `get_prompt` does (without the image/BOS header)."""
         user, assistant = self.roles
         if self.style == "SINGLE":
-            return _sep_single(self.system, user, assistant, self.sep)
+            return _sep_each(self.system, user + ": ", assistant + ": ", self.sep, assistant + ":")
         if self.style == "TWO":
             return _sep_two(self.system, user, assistant, self.sep, self.sep2 or "")
         if self.style == "MPT":
-            return _mpt(self.system, user, assistant, self.sep)
+            return _sep_each(self.system, user, assistant, self.sep, assistant)
         if self.style == "LLAMA_2":
             return _llama_2(self.system, self.sep, self.sep2 or "")
         raise ValueError(f"unknown separator style {self.style!r}")
@@ -181,20 +181,6 @@ def _sep_two(system: str, user: str, assistant: str, sep: str, sep2: str) -> str
     )
 
 
-def _sep_single(system: str, user: str, assistant: str, sep: str) -> str:
-    """SeparatorStyle.SINGLE (llava_v0): `SYSTEM###Human: q###Assistant:`."""
-    return (
-        _RENDER
-        + _system(system)
-        + "{{- system + " + repr(sep) + " -}}"
-        "{%- for message in loop_messages -%}"
-        "{%- set role = " + repr(user) + " if message['role'] == 'user' else " + repr(assistant) + " -%}"
-        "{{- role + ': ' + render(message['content']) + " + repr(sep) + " -}}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- " + repr(assistant + ":") + " -}}{%- endif -%}"
-    )
-
-
 def _llama_2(system: str, sep: str, sep2: str) -> str:
     """SeparatorStyle.LLAMA_2 (llava_llama_2, mistral_instruct).
 
@@ -214,8 +200,9 @@ def _llama_2(system: str, sep: str, sep2: str) -> str:
     )
 
 
-def _mpt(system: str, user: str, assistant: str, sep: str) -> str:
-    """SeparatorStyle.MPT (chatml_direct, mpt): `SYSTEM<sep><role>msg<sep>...<assistant role>`."""
+def _sep_each(system: str, user: str, assistant: str, sep: str, generation: str) -> str:
+    """SeparatorStyle.SINGLE (llava_v0: `SYSTEM###Human: q###Assistant:`) and MPT (chatml_direct, mpt:
+    `SYSTEM<sep><role>msg<sep>...<assistant role>`): every turn is its role prefix, the message, `sep`."""
     return (
         _RENDER
         + _system(system)
@@ -224,7 +211,7 @@ def _mpt(system: str, user: str, assistant: str, sep: str) -> str:
         "{%- set role = " + repr(user) + " if message['role'] == 'user' else " + repr(assistant) + " -%}"
         "{{- role + render(message['content']) + " + repr(sep) + " -}}"
         "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- " + repr(assistant) + " -}}{%- endif -%}"
+        "{%- if add_generation_prompt -%}{{- " + repr(generation) + " -}}{%- endif -%}"
     )
 
 
