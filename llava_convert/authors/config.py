@@ -63,7 +63,7 @@ def text_config(
 
     Args:
         config: the original config.json, as a dict.
-        backbone: "llama" or "mistral".
+        backbone: the checkpoint's backbone ("mistral"; anything else builds a LlamaConfig).
         vocab_size: rows of the embedding matrix the model is built with.
         pad_token_id: the pad id the model is built with (None: none).
         where: the file named in an error (the original config.json).
@@ -74,7 +74,7 @@ def text_config(
     # lazy: transformers takes seconds to import; planning and validating a conversion do not need it
     from transformers import LlamaConfig, MistralConfig
 
-    cls = MistralConfig if backbone == "mistral" else LlamaConfig
+    cls = {"mistral": MistralConfig}.get(backbone, LlamaConfig)
     allowed = init_fields(cls) | {"rope_theta", "rope_scaling"}
     fields = {
         k: v
