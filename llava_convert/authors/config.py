@@ -87,10 +87,7 @@ def text_config(
     if backbone == "mistral":
         # As trained (null on llava-v1.6-mistral-7b), else the authors' default.
         fields["sliding_window"] = config.get("sliding_window", AUTHORS_SLIDING_WINDOW)
-    try:
-        return cls(**fields)
-    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
-        raise LlavaConvertError(f"{where}: cannot build {cls.__name__} ({e})") from None
+    return _build(cls, fields, where)
 
 
 def vision_config(tower: VisionTower) -> CLIPVisionConfig:
@@ -103,7 +100,15 @@ def vision_config(tower: VisionTower) -> CLIPVisionConfig:
     from transformers import CLIPVisionConfig
 
     fields = {k: v for k, v in tower.config.items() if k in init_fields(CLIPVisionConfig)}
+    return _build(CLIPVisionConfig, fields, tower.path / "config.json")
+
+
+def _build(cls, fields: dict[str, Any], where: Path):
+    """CLS(**FIELDS), also serialisable (`to_dict` trips over values the constructor let through, e.g. a
+    `dtype` string transformers cannot name), or one line naming WHERE."""
     try:
-        return CLIPVisionConfig(**fields)
-    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
-        raise LlavaConvertError(f"{tower.path / 'config.json'}: cannot build CLIPVisionConfig ({e})") from None
+        cfg = cls(**fields)
+        cfg.to_dict()
+    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, IndexError, huggingface_hub's StrictDataclassError
+        raise LlavaConvertError(f"{where}: cannot build {cls.__name__} ({e})") from None
+    return cfg
