@@ -331,7 +331,3 @@ def choose_chat_template(ckpt: OriginalCheckpoint, override: str | None = None) 
             "decide it; pass --chat-template if the model was trained with another conversation mode"
         )
     return TemplateChoice(mode, choice, warning)
-
-
-def chat_template_name(ckpt: OriginalCheckpoint, override: str | None) -> str:
-    return choose_chat_template(ckpt, override).name
