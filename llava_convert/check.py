@@ -25,22 +25,20 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .authors.templates import CONV_TEMPLATES
+from .authors.tokenizer import IMAGE_TOKEN_INDEX
 from .errors import CheckFailed, LlavaConvertError
 from .layouts import HF_MODEL_TYPES, to_v5
+from .lazy import LayerStreamer, load_outside, materialize_buffers
 from .original import read_json
 from .plan import DTYPES
 from .readers import TensorRef, read_checkpoint
 from .reference import (
-    CONV_TEMPLATES,
-    IMAGE_TOKEN_INDEX,
     TEXT_ATTENTION,
     VISION_ATTENTION,
     ImageStages,
-    LayerStreamer,
     Recorder,
     ReferenceModel,
-    load_outside,
-    materialize_buffers,
     quiet,
 )
 
@@ -789,7 +787,7 @@ class _Stages:
 
 
 def _template_hint(conv_prompt: str, question: str) -> str:
-    from .reference import authors_prompt
+    from .authors.templates import authors_prompt
 
     if conv_prompt.startswith("<no prompt"):
         return "prompt ids differ: the converted processor has no usable chat template"

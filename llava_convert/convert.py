@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from . import transforms
+from .authors.templates import choose_chat_template
 from .card import convert_facts, in_background, write_card
 from .errors import LlavaConvertError
 from .hfconfig import llava_config
@@ -24,12 +25,7 @@ from .original import open_original, read_json
 from .original.merge import read_tensors
 from .original.tower import find_vision_tower
 from .plan import DTYPES, Plan, TensorSource, apply_quantization, compute_entry, source_order
-from .processor import (
-    build_processor,
-    choose_chat_template,
-    plan_tokens,
-    write_tokenizer_files,
-)
+from .processor import build_processor, plan_tokens, write_tokenizer_files
 from .quantize import QuantSpec
 from .readers import read_checkpoint
 from .target import build_target
@@ -254,7 +250,7 @@ def convert(
         dtype: "auto" (the checkpoint's own), "float16", "bfloat16" or "float32".
         max_shard_size: largest shard, e.g. "5GB" or a byte count.
         chat_template: one of the authors' conversation modes; default: chosen from the Hub repo id, the
-            config and, last, the name (`processor.choose_chat_template`; the plan records why).
+            config and, last, the name (`authors.templates.choose_chat_template`; the plan records why).
         quantize: write Linear weights bitsandbytes-quantized (int8, nf4, fp4) as the spec says.
         dry_run: plan and validate only; write nothing.
         force: replace an existing OUTPUT.

@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from .authors import config as authors_config
+from .authors.images import parse_pinpoints
 from .errors import LlavaConvertError
 from .original import OriginalCheckpoint
 from .original.tower import VisionTower
 
 VOCAB_MULTIPLE = 64
-
-# Fields of the authors' config that describe the multimodal wiring or training, not the language model.
-_NOT_TEXT = {
-    "architectures",
-    "model_type",
-    "_name_or_path",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "use_cache",
-    "freeze_mm_mlp_adapter",
-    "freeze_mm_vision_resampler",
-    "tune_mm_mlp_adapter",
-    "tune_mm_vision_resampler",
-    "use_mm_proj",
-    "image_aspect_ratio",
-    "image_grid_pinpoints",
-    "image_crop_resolution",
-    "image_split_resolution",
-    "tokenizer_model_max_length",
-    "tokenizer_padding_side",
-    "unfreeze_mm_vision_tower",
-}
 
 
 @dataclass(frozen=True)
@@ -66,32 +43,15 @@ def plan_vocab(original_rows: int, *, tokens: int | None = None, added: tuple[st
     return Vocab(original_rows, n, n + 1, padded, tuple(added))
 
 
-def _init_fields(cls) -> set[str]:
-    return {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
-
-
 def text_config(ckpt: OriginalCheckpoint, vocab: Vocab) -> dict[str, Any]:
     """The language model's config as the HF class for its backbone builds it, plus 4.x-readable rope fields."""
-    from transformers import LlamaConfig, MistralConfig
-
-    cls = MistralConfig if ckpt.backbone == "mistral" else LlamaConfig
-    allowed = _init_fields(cls) | {"rope_theta", "rope_scaling"}
-    fields = {
-        k: v
-        for k, v in ckpt.config.items()
-        if k in allowed and k not in _NOT_TEXT and not k.startswith("mm_") and v is not None
-    }
-    fields["vocab_size"] = vocab.padded
-    fields["pad_token_id"] = vocab.pad_token_id
-    fields["tie_word_embeddings"] = bool(ckpt.config.get("tie_word_embeddings", False))
-    if ckpt.backbone == "mistral":
-        # As trained (null on llava-v1.6-mistral-7b); when absent, the default of the MistralConfig the
-        # authors' code ran with (transformers 4.36: 4096), not whatever the installed version defaults to.
-        fields["sliding_window"] = ckpt.config.get("sliding_window", 4096)
-    try:
-        cfg = cls(**fields)
-    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
-        raise LlavaConvertError(f"{ckpt.path / 'config.json'}: cannot build {cls.__name__} ({e})") from None
+    cfg = authors_config.text_config(
+        ckpt.config,
+        ckpt.backbone,
+        vocab_size=vocab.padded,
+        pad_token_id=vocab.pad_token_id,
+        where=ckpt.path / "config.json",
+    )
     out = cfg.to_dict()
     # transformers 4.x reads rope_theta / rope_scaling at the top level; 5.x reads rope_parameters.
     out["rope_theta"] = float(ckpt.config.get("rope_theta", 10000.0))
@@ -103,14 +63,7 @@ def text_config(ckpt: OriginalCheckpoint, vocab: Vocab) -> dict[str, Any]:
 
 
 def vision_config(tower: VisionTower) -> dict[str, Any]:
-    from transformers import CLIPVisionConfig
-
-    allowed = _init_fields(CLIPVisionConfig)
-    fields = {k: v for k, v in tower.config.items() if k in allowed}
-    try:
-        out = CLIPVisionConfig(**fields).to_dict()
-    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
-        raise LlavaConvertError(f"{tower.path / 'config.json'}: cannot build CLIPVisionConfig ({e})") from None
+    out = authors_config.vision_config(tower).to_dict()
     for k in ("id2label", "label2id"):
         out.pop(k, None)
     return out
@@ -160,8 +113,7 @@ def hf_grid_pinpoints(pinpoints: list | str) -> list[list[int]]:
     for every image size, ties included: an image no larger than the tower on both sides upscales equally into
     several candidates, and the first listed wins (the lists are symmetric, so only ties tell them apart).
     """
-    pins = ast.literal_eval(pinpoints) if isinstance(pinpoints, str) else pinpoints
-    return [[int(h), int(w)] for w, h in pins]
+    return [[int(h), int(w)] for w, h in parse_pinpoints(pinpoints)]
 
 
 def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> dict[str, Any]:

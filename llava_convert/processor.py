@@ -4,24 +4,29 @@ the way the authors preprocess (pad-to-square, anyres tiling), and the chat temp
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .authors.templates import choose_chat_template, template_for
+from .authors.tokenizer import (
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    PromptStyle,
+    authors_added_tokens,
+    authors_prefix_legacy,
+    prompt_style,
+    read_spm,
+    tokenizer_load_kwargs,
+)
 from .errors import LlavaConvertError
 from .hfconfig import Vocab, plan_vocab
 from .logs import quiet
 from .original import TOKENIZER_FILES, OriginalCheckpoint, read_json
 from .original.tower import VisionTower
 from .readers import check_input_file
-from .templates import RELEASE_NAMES, TemplateChoice, authors_name_rule, template_for
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
-# llava/constants.py
-IM_PATCH_TOKEN = "<im_patch>"
-IM_START_TOKEN = "<im_start>"
-IM_END_TOKEN = "<im_end>"
 
 
 def load_tokenizer(path: Path, *, legacy: bool = True):
@@ -39,12 +44,7 @@ def load_tokenizer(path: Path, *, legacy: bool = True):
         _check_spm(path / "tokenizer.model")
     try:
         # legacy: whether a "▁" is prepended to the text after each special token (see PromptStyle).
-        kwargs: dict[str, Any] = {"legacy": legacy}
-        if not spm_dummy_prefix(path) and authors_legacy(path):
-            # A SentencePiece model without the dummy prefix (Yi, llava-v1.6-34b): the authors' legacy slow
-            # tokenizer then starts no text with "▁", neither a chunk nor the text after a special token.
-            # transformers' LlamaTokenizer ignores the model's flag and needs add_prefix_space=False ("never").
-            kwargs["add_prefix_space"] = False
+        kwargs: dict[str, Any] = {"legacy": legacy, **tokenizer_load_kwargs(path)}
         with quiet():  # transformers peeks at config.json, whose original (non-HF) fields it warns about
             return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
@@ -53,28 +53,12 @@ def load_tokenizer(path: Path, *, legacy: bool = True):
 
 def _check_spm(path: Path) -> None:
     """A corrupt SentencePiece model makes transformers fall back to tiktoken and blame its absence."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
     try:
-        proto.ParseFromString(path.read_bytes())
+        proto = read_spm(path)
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError
         raise LlavaConvertError(f"{path}: not a SentencePiece model ({type(e).__name__}: {e})") from None
     if not proto.pieces:
         raise LlavaConvertError(f"{path}: not a SentencePiece model (no pieces)")
-
-
-def authors_added_tokens(config: dict[str, Any], tok) -> tuple[str, ...]:
-    """The tokens `load_pretrained_model` adds to the saved tokenizer, in order: `<im_patch>` when
-    mm_use_im_patch_token (true when the config lacks it), then `<im_start>`, `<im_end>` when
-    mm_use_im_start_end; `add_tokens` skips those the tokenizer already has."""
-    wanted = []
-    if config.get("mm_use_im_patch_token", True):
-        wanted.append(IM_PATCH_TOKEN)
-    if config.get("mm_use_im_start_end", False):
-        wanted += [IM_START_TOKEN, IM_END_TOKEN]
-    have = tok.get_vocab()
-    return tuple(t for t in wanted if t not in have)
 
 
 def plan_tokens(ckpt: OriginalCheckpoint, rows: int) -> Vocab:
@@ -96,80 +80,6 @@ def plan_tokens(ckpt: OriginalCheckpoint, rows: int) -> Vocab:
             f"{rows} rows"
         )
     return plan_vocab(rows, tokens=n, added=added)
-
-
-def spm_dummy_prefix(tokenizer_dir: Path) -> bool:
-    """Whether the SentencePiece model (tokenizer.model) starts a text with "▁" (`add_dummy_prefix`, true for
-    Llama / Vicuna / Mistral, false for Yi). True when there is no tokenizer.model."""
-    path = tokenizer_dir / "tokenizer.model"
-    if not path.is_file():
-        return True
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(path.read_bytes())
-    except Exception:  # noqa: BLE001 - protobuf's DecodeError; transformers reports an unreadable model
-        return True
-    return proto.normalizer_spec.add_dummy_prefix
-
-
-def authors_legacy(tokenizer_dir: Path) -> bool:
-    """The `legacy` flag the authors' slow LlamaTokenizer runs with (transformers 4.36: true when unset)."""
-    cfg_path = tokenizer_dir / "tokenizer_config.json"
-    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
-    return cfg.get("legacy") is not False
-
-
-@dataclass(frozen=True)
-class PromptStyle:
-    """How the converted tokenizer and chat template reproduce the authors' prompt ids.
-
-    The authors' `tokenizer_image_token` tokenizes the text before and after `<image>` as fresh strings: each
-    starts with SentencePiece's "▁" (dummy prefix), BOS comes first when their tokenizer adds it. Inside a
-    string, a legacy tokenizer starts the text after every special token (`</s>`, `<|im_start|>`) with "▁"
-    too, a non-legacy one never does. One tokenizer setting cannot put "▁" after `<image>` and not after
-    `</s>`, so with a non-legacy original the tokenizer never adds it after a special token and the template
-    writes a space where the authors start a fresh string (after BOS, after `<image>`), which the tokenizer
-    turns into that "▁". The template emits BOS (so that tokenizing the rendered prompt without special
-    tokens, as vLLM's chat server does, gives it) and the tokenizer does not add one.
-    """
-
-    bos: bool  # the authors' ids start with BOS: the template writes it
-    prepend: str  # Metaspace prepend_scheme: "always" (legacy), "first" (non-legacy), "never" (no dummy
-    # prefix); "" leaves a tokenizer without a Metaspace pre-tokenizer as it is
-    fresh: str  # what the template writes where the authors tokenize a fresh string: " " or ""
-
-
-def authors_fast_tokenizer(ckpt: OriginalCheckpoint) -> bool:
-    """Whether the authors' builder loads a fast tokenizer (`builder.py`: `mpt` in the name, or `mistral` in
-    the name of a full model); otherwise it loads the slow one."""
-    name = ckpt.name.lower()
-    return "mpt" in name or ("mistral" in name and ckpt.form not in ("lora", "projector"))
-
-
-def authors_prefix_legacy(ckpt: OriginalCheckpoint) -> bool:
-    """Whether the authors' tokenizer starts the text after every special token with "▁".
-
-    The slow tokenizer does when `legacy` is true or unset. A fast one follows its tokenizer.json, and
-    transformers 4.36 builds a missing tokenizer.json the legacy way whatever `legacy` says."""
-    if authors_fast_tokenizer(ckpt):
-        path = ckpt.tokenizer_dir / "tokenizer.json"
-        if path.is_file():
-            return '"first"' not in json.dumps(read_json(path).get("pre_tokenizer"))
-        return True
-    return authors_legacy(ckpt.tokenizer_dir)
-
-
-def prompt_style(ckpt: OriginalCheckpoint, tok) -> PromptStyle:
-    """The `PromptStyle` for the original tokenizer TOK (loaded by `load_tokenizer`)."""
-    ids = tok("a").input_ids
-    bos = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
-    if "Metaspace" not in str(tok.backend_tokenizer.pre_tokenizer):  # not a SentencePiece-style tokenizer.json
-        return PromptStyle(bos=bos, prepend="", fresh="")
-    if not authors_prefix_legacy(ckpt):
-        return PromptStyle(bos=bos, prepend="first", fresh=" ")
-    return PromptStyle(bos=bos, prepend="always" if spm_dummy_prefix(ckpt.tokenizer_dir) else "never", fresh="")
 
 
 def _apply_style(tok, style: PromptStyle) -> None:
@@ -238,90 +148,6 @@ def _image_kwargs(tower: VisionTower) -> dict[str, Any]:
     return kw
 
 
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-# The LLaVA-1.5 / 1.6 recipe (two-layer MLP projector) on a Llama-family LLM: every release of it (Vicuna
-# v1.5, and the Yi / Mistral ones decided before this rule) was trained and evaluated with the v1 conversation.
-_V1_PROJECTOR = "mlp2x_gelu"
-
-
-def tokenizer_has(tokenizer_dir: Path, tokens: tuple[str, ...]) -> bool:
-    """Whether the tokenizer files in TOKENIZER_DIR hold every one of TOKENS (as added tokens or vocabulary
-    pieces), read without building the tokenizer."""
-    found: set[str] = set()
-    for name in ("tokenizer_config.json", "tokenizer.json", "added_tokens.json", "special_tokens_map.json"):
-        path = tokenizer_dir / name
-        if path.is_file():
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            found.update(t for t in tokens if json.dumps(t) in text)
-    spm = tokenizer_dir / "tokenizer.model"
-    if len(found) < len(tokens) and spm.is_file():
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        try:
-            proto.ParseFromString(spm.read_bytes())
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError: not a SentencePiece model
-            return False
-        pieces = {p.piece for p in proto.pieces}
-        found.update(t for t in tokens if t in pieces)
-    return len(found) == len(tokens)
-
-
-def choose_chat_template(ckpt: OriginalCheckpoint, override: str | None = None) -> TemplateChoice:
-    """The authors' conversation mode for CKPT, chosen from what identifies the model, and why.
-
-    In order: `override` (--chat-template); the Hub repo id (SOURCE given as one, or a snapshot folder of the
-    HF cache) through the authors' name rule when one of its markers is in the name; the config's own fields
-    where they decide it (a Mistral backbone; a ChatML tokenizer, as Yi's; the LLaVA-1.5 / 1.6 MLP projector on
-    a Llama backbone); last, as the authors do, the folder name, with a warning when that name is not the name
-    of a release.
-
-    Example:
-        >>> choose_chat_template(open_original(Path("llava-v1.5-7b"))).name  # doctest: +SKIP
-        'llava_v1'
-    """
-    if override:
-        template_for(override)  # an unknown name fails while planning, so --dry-run refuses it too
-        return TemplateChoice(override, "given with --chat-template")
-    if ckpt.repo_id:
-        repo_name = ckpt.name
-        mode, marker = authors_name_rule(repo_name)
-        if marker is not None:
-            return TemplateChoice(
-                mode, f"from the Hub repo id {ckpt.repo_id} ('{marker}' in its name, the authors' run_llava.py rule)"
-            )
-    if ckpt.backbone == "mistral":
-        return TemplateChoice(
-            "mistral_instruct", f"config.json model_type {ckpt.config.get('model_type')!r} (a Mistral backbone)"
-        )
-    if tokenizer_has(ckpt.tokenizer_dir, CHATML_TOKENS):
-        return TemplateChoice("chatml_direct", "the tokenizer has the ChatML tokens <|im_start|> / <|im_end|>")
-    if ckpt.projector_type == _V1_PROJECTOR:
-        return TemplateChoice(
-            "llava_v1",
-            f"config.json mm_projector_type {_V1_PROJECTOR!r} on a Llama backbone (the LLaVA-1.5 / 1.6 recipe)",
-        )
-    name = ckpt.name
-    mode, marker = authors_name_rule(name)
-    rule = f"'{marker}' in it" if marker else "no marker in it, the authors' default"
-    where = f"the Hub repo name {name!r}" if ckpt.repo_id else f"the folder name {name!r}"
-    choice = f"from {where} ({rule}, the authors' run_llava.py rule)"
-    warning = None
-    if name.lower() not in RELEASE_NAMES:
-        warning = (
-            f"chat template {mode!r} chosen {choice}, which does not name a LLaVA release and config.json does not "
-            "decide it; pass --chat-template if the model was trained with another conversation mode"
-        )
-    return TemplateChoice(mode, choice, warning)
-
-
-def chat_template_name(ckpt: OriginalCheckpoint, override: str | None) -> str:
-    return choose_chat_template(ckpt, override).name
-
-
 def build_processor(
     ckpt: OriginalCheckpoint,
     tower: VisionTower,
@@ -341,7 +167,7 @@ def build_processor(
     else:
         image_text = IMAGE_TOKEN + style.fresh + "\n"
     template = template_for(
-        chat_template_name(ckpt, chat_template), image_text=image_text, bos=style.bos, start=style.fresh
+        choose_chat_template(ckpt, chat_template).name, image_text=image_text, bos=style.bos, start=style.fresh
     )
     common = dict(
         tokenizer=tok,

@@ -10,299 +10,60 @@ llava classes):
   `model.vision_tower.vision_tower.*` keys when `unfreeze_mm_vision_tower` is true, else from the tower directory
   (`llava/model/multimodal_encoder/clip_encoder.py`, `llava/model/builder.py`);
 * projector as `build_vision_projector` builds it (`linear`, `mlp{N}x_gelu`, `identity`), `image_newline`;
-* preprocessing as `llava/mm_utils.py` (`expand2square`, `process_anyres_image`, ...) with the tower's
-  CLIP image-processor settings; prompts as `conversation.py` + `tokenizer_image_token`;
+* preprocessing as `llava/mm_utils.py` (`authors.images`) with the tower's CLIP image-processor settings;
+  prompts as `conversation.py` + `tokenizer_image_token` (`authors.templates`, `authors.tokenizer`);
 * feature selection, splicing and `spatial_unpad` merging as `llava/model/llava_arch.py`.
 
-Weights are read lazily (`readers.read_checkpoint`); with `low_memory=True` decoder layers are materialised one
-at a time (`LayerStreamer`).
+The authors' algorithms and quirks it shares with the converter live in `authors/` (templates, tokenizer,
+images, the config fold); the oracle tier checks both against the authors' own code. Weights are read lazily
+(`readers.read_checkpoint`) and assigned to meta-device modules (`lazy.py`); with `low_memory=True` decoder
+layers are materialised one at a time (`lazy.LayerStreamer`).
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import inspect
-import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
+from .authors import config as authors_config
+from .authors.images import (
+    get_anyres_image_grid_shape,
+    parse_pinpoints,
+    process_image,
+    select_best_resolution,
+    unpad_image,
+)
+from .authors.templates import authors_prompt, choose_chat_template
+from .authors.tokenizer import (
+    DEFAULT_IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    authors_added_tokens,
+    tokenizer_image_token,
+    tokenizer_load_kwargs,
+)
 from .errors import LlavaConvertError
+from .lazy import LayerStreamer, load_as, load_into, load_outside, materialize_buffers
 from .logs import quiet
-from .original import open_original, read_json
+from .original import SUPPORTED_MLP, open_original, read_json
 from .original.merge import read_tensors
-from .original.tower import VisionTower, find_vision_tower
+from .original.tower import find_vision_tower
 from .plan import DTYPES
-from .processor import choose_chat_template
 from .readers import TensorRef, read_checkpoint, weight_files
 
-IMAGE_TOKEN_INDEX = -200
-DEFAULT_IMAGE_TOKEN = "<image>"
-IMAGE_PLACEHOLDER = "<image-placeholder>"
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
-_MLP = re.compile(r"^mlp(\d+)x_gelu$")
 
 # The attention kernels the authors' stack (transformers 4.36) picks: SDPA in Llama/Mistral, eager in CLIP.
 TEXT_ATTENTION = "sdpa"
 VISION_ATTENTION = "eager"
 
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Conversation templates (llava/conversation.py), single turn: the user's question, then the assistant's turn.
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """One of the authors' `Conversation` templates (the fields `get_prompt` reads)."""
-
-    system: str
-    roles: tuple[str, str]
-    style: str  # SINGLE | TWO | MPT | LLAMA_2
-    sep: str
-    sep2: str | None = None
-
-    def get_prompt(self, messages: list[tuple[str, str | None]]) -> str:
-        """`Conversation.get_prompt` for plain-string messages (`None` = the turn to be generated)."""
-        if self.style == "SINGLE":
-            ret = self.system + self.sep
-            for role, message in messages:
-                ret += role + ": " + message + self.sep if message else role + ":"
-        elif self.style == "TWO":
-            seps = [self.sep, self.sep2 or ""]
-            ret = self.system + seps[0]
-            for i, (role, message) in enumerate(messages):
-                ret += role + ": " + message + seps[i % 2] if message else role + ":"
-        elif self.style == "MPT":
-            ret = self.system + self.sep
-            for role, message in messages:
-                ret += role + message + self.sep if message else role
-        elif self.style == "LLAMA_2":
-            ret = ""
-            for i, (_role, message) in enumerate(messages):
-                if not message:
-                    continue
-                if i == 0 and self.system:
-                    message = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n" + message
-                if i % 2 == 0:
-                    ret += self.sep + f"[INST] {message} [/INST]"
-                else:
-                    ret += " " + message + " " + (self.sep2 or "")
-            ret = ret.lstrip(self.sep)  # sic: a character-set strip, as the authors do
-        else:  # pragma: no cover - the table below only uses the styles above
-            raise ValueError(self.style)
-        return ret
-
-    def prompt(self, query: str) -> str:
-        return self.get_prompt([(self.roles[0], query), (self.roles[1], None)])
-
-
-_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-CONV_TEMPLATES: dict[str, Conversation] = {
-    "llava_v0": Conversation(_V1_SYSTEM, ("Human", "Assistant"), "SINGLE", "###"),
-    "llava_v1": Conversation(_V1_SYSTEM, ("USER", "ASSISTANT"), "TWO", " ", "</s>"),
-    "vicuna_v1": Conversation(
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        ("USER", "ASSISTANT"),
-        "TWO",
-        " ",
-        "</s>",
-    ),
-    "llava_llama_2": Conversation(
-        "You are a helpful language and vision assistant. "
-        "You are able to understand the visual content that the user provides, "
-        "and assist the user with a variety of tasks using natural language.",
-        ("USER", "ASSISTANT"),
-        "LLAMA_2",
-        "<s>",
-        "</s>",
-    ),
-    "mistral_instruct": Conversation("", ("USER", "ASSISTANT"), "LLAMA_2", "", "</s>"),
-    "chatml_direct": Conversation(
-        "<|im_start|>system\nAnswer the questions.",
-        ("<|im_start|>user\n", "<|im_start|>assistant\n"),
-        "MPT",
-        "<|im_end|>",
-    ),
-    "mpt": Conversation(
-        "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
-        "The assistant gives helpful and honest answers.",
-        ("<|im_start|>user\n", "<|im_start|>assistant\n"),
-        "MPT",
-        "<|im_end|>",
-    ),
-}
-
-
-def authors_prompt(question: str, conv_mode: str, *, im_start_end: bool = False) -> str:
-    """The prompt `run_llava.py` builds for one image and QUESTION."""
-    image = "<im_start>" + DEFAULT_IMAGE_TOKEN + "<im_end>" if im_start_end else DEFAULT_IMAGE_TOKEN
-    if IMAGE_PLACEHOLDER in question:
-        qs = question.replace(IMAGE_PLACEHOLDER, image)
-    else:
-        qs = image + "\n" + question
-    try:
-        conv = CONV_TEMPLATES[conv_mode]
-    except KeyError:
-        raise LlavaConvertError(
-            f"unknown conversation mode {conv_mode!r} (known: {', '.join(sorted(CONV_TEMPLATES))})"
-        ) from None
-    return conv.prompt(qs)
-
-
-def tokenizer_load_kwargs(tokenizer_dir: Path) -> dict[str, Any]:
-    """Settings that make transformers' LlamaTokenizer split text like the authors' slow one (4.36).
-
-    With `legacy` true or unset, the authors' tokenizer runs SentencePiece on each piece of text as it is, so
-    the model's own `add_dummy_prefix` decides whether a piece starts with "▁". transformers' LlamaTokenizer
-    ignores that flag, so a model without the dummy prefix (Yi, llava-v1.6-34b) needs add_prefix_space=False.
-    """
-    model = tokenizer_dir / "tokenizer.model"
-    cfg_path = tokenizer_dir / "tokenizer_config.json"
-    legacy = (read_json(cfg_path) if cfg_path.is_file() else {}).get("legacy") is not False
-    if not (legacy and model.is_file()):
-        return {}
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(model.read_bytes())
-    except Exception:  # noqa: BLE001 - protobuf's DecodeError; loading the tokenizer reports it
-        return {}
-    return {} if proto.normalizer_spec.add_dummy_prefix else {"add_prefix_space": False}
-
-
-def tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
-    """`llava.mm_utils.tokenizer_image_token`: chunks around `<image>` tokenized separately, -200 between."""
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
-    ids: list[int] = []
-    offset = 0
-    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
-        offset = 1
-        ids.append(chunks[0][0])
-    sep = [IMAGE_TOKEN_INDEX] * (offset + 1)
-    interleaved = [x for chunk in chunks for x in (chunk, sep)][:-1]
-    for x in interleaved:
-        ids.extend(x[offset:])
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Image preprocessing (llava/mm_utils.py)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def select_best_resolution(original_size: tuple[int, int], possible: list) -> tuple[int, int]:
-    original_width, original_height = original_size
-    best_fit = None
-    max_effective = 0
-    min_wasted = float("inf")
-    for width, height in possible:
-        scale = min(width / original_width, height / original_height)
-        dw, dh = int(original_width * scale), int(original_height * scale)
-        effective = min(dw * dh, original_width * original_height)
-        wasted = width * height - effective
-        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
-            max_effective, min_wasted, best_fit = effective, wasted, (width, height)
-    assert best_fit is not None
-    return best_fit
-
-
-def resize_and_pad_image(image: Image.Image, target: tuple[int, int]) -> Image.Image:
-    original_width, original_height = image.size
-    target_width, target_height = target
-    scale_w = target_width / original_width
-    scale_h = target_height / original_height
-    if scale_w < scale_h:
-        new_width = target_width
-        new_height = min(math.ceil(original_height * scale_w), target_height)
-    else:
-        new_height = target_height
-        new_width = min(math.ceil(original_width * scale_h), target_width)
-    resized = image.resize((new_width, new_height))
-    new_image = Image.new("RGB", (target_width, target_height), (0, 0, 0))
-    new_image.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
-    return new_image
-
-
-def divide_to_patches(image: Image.Image, patch_size: int) -> list[Image.Image]:
-    width, height = image.size
-    return [
-        image.crop((j, i, j + patch_size, i + patch_size))
-        for i in range(0, height, patch_size)
-        for j in range(0, width, patch_size)
-    ]
-
-
-def _pinpoints(grid_pinpoints) -> list:
-    return grid_pinpoints if isinstance(grid_pinpoints, list) else ast.literal_eval(grid_pinpoints)
-
-
-def get_anyres_image_grid_shape(
-    image_size: tuple[int, int], grid_pinpoints, patch_size: int
-) -> tuple[int, int]:
-    """(columns, rows) of the tile grid."""
-    width, height = select_best_resolution(image_size, _pinpoints(grid_pinpoints))
-    return width // patch_size, height // patch_size
-
-
-def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    result = Image.new(image.mode, (side, side), background)
-    result.paste(image, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
-    return result
-
-
-def _preprocess(processor, image: Image.Image) -> torch.Tensor:
-    return processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
-
-
-def process_anyres_image(image: Image.Image, processor, grid_pinpoints) -> torch.Tensor:
-    best = select_best_resolution(image.size, _pinpoints(grid_pinpoints))
-    padded = resize_and_pad_image(image, best)
-    patches = divide_to_patches(padded, processor.crop_size["height"])
-    side = processor.size["shortest_edge"]
-    base = image.resize((side, side))
-    return torch.stack([_preprocess(processor, p) for p in [base, *patches]], dim=0)
-
-
-def process_image(image: Image.Image, processor, aspect: str | None, grid_pinpoints=None) -> torch.Tensor:
-    """`process_images([image], ...)`: `[1, 3, S, S]`, or `[1, N, 3, S, S]` for anyres."""
-    if aspect == "pad":
-        background = tuple(int(x * 255) for x in processor.image_mean)
-        return _preprocess(processor, expand2square(image, background))[None]
-    if aspect == "anyres":
-        return process_anyres_image(image, processor, grid_pinpoints)[None]
-    return processor(image, return_tensors="pt")["pixel_values"]
-
-
-def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
-    """`llava_arch.unpad_image`; ORIGINAL_SIZE is (width, height) as the authors pass `image.size`."""
-    original_width, original_height = original_size
-    current_height, current_width = tensor.shape[1:]
-    if original_width / original_height > current_width / current_height:
-        new_height = int(original_height * (current_width / original_width))
-        padding = (current_height - new_height) // 2
-        return tensor[:, padding : current_height - padding, :]
-    new_width = int(original_width * (current_height / original_height))
-    padding = (current_width - new_width) // 2
-    return tensor[:, :, padding : current_width - padding]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,7 +75,7 @@ def build_projector(projector_type: str, mm_hidden: int, hidden: int) -> nn.Modu
     """`build_vision_projector`: the same module tree, so state-dict keys match `model.mm_projector.*`."""
     if projector_type == "linear":
         return nn.Linear(mm_hidden, hidden)
-    m = _MLP.match(projector_type)
+    m = SUPPORTED_MLP.match(projector_type)
     if m:
         modules: list[nn.Module] = [nn.Linear(mm_hidden, hidden)]
         for _ in range(1, int(m.group(1))):
@@ -323,158 +84,6 @@ def build_projector(projector_type: str, mm_hidden: int, hidden: int) -> nn.Modu
     if projector_type == "identity":
         return nn.Identity()
     raise LlavaConvertError(f"unknown mm_projector_type {projector_type!r}")
-
-
-def _init_fields(cls) -> set[str]:
-    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")}
-
-
-# Keys of the authors' config that are not language-model settings (or that transformers 5 must not see).
-_NOT_LM = {
-    "architectures",
-    "model_type",
-    "_name_or_path",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "use_cache",
-    "vocab_size",
-    "pad_token_id",
-    "image_aspect_ratio",
-    "image_grid_pinpoints",
-}
-
-
-def language_model_config(config: dict[str, Any], backbone: str, vocab_rows: int, attn: str = TEXT_ATTENTION):
-    """`LlamaConfig` / `MistralConfig` from the authors' config, with the checkpoint's own vocabulary size."""
-    from transformers import LlamaConfig, MistralConfig
-
-    cls = MistralConfig if backbone == "mistral" else LlamaConfig
-    allowed = _init_fields(cls) | {"rope_theta", "rope_scaling", "pretraining_tp"}
-    fields = {
-        k: v for k, v in config.items() if k in allowed and k not in _NOT_LM and not k.startswith("mm_")
-    }
-    fields = {k: v for k, v in fields.items() if v is not None or k == "sliding_window"}
-    pad = config.get("pad_token_id")
-    fields["pad_token_id"] = pad if isinstance(pad, int) and 0 <= pad < vocab_rows else None
-    fields["vocab_size"] = vocab_rows
-    fields.setdefault("tie_word_embeddings", False)
-    try:
-        cfg = cls(**fields)
-    except (TypeError, ValueError) as e:
-        raise LlavaConvertError(f"config.json: cannot build {cls.__name__} ({e})") from None
-    cfg._attn_implementation = attn
-    return cfg
-
-
-def clip_vision_config(tower: VisionTower, attn: str = VISION_ATTENTION):
-    from transformers import CLIPVisionConfig
-
-    fields = {k: v for k, v in tower.config.items() if k in _init_fields(CLIPVisionConfig)}
-    cfg = CLIPVisionConfig(**fields)
-    cfg._attn_implementation = attn
-    return cfg
-
-
-def materialize_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers a meta-device build leaves empty: rotary tables, CLIP position ids."""
-    for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
-            fresh = type(module)(config=module.config)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, fresh)
-        elif type(module).__name__ == "CLIPVisionEmbeddings":
-            module.register_buffer(
-                "position_ids", torch.arange(module.num_positions).expand((1, -1)), persistent=False
-            )
-
-
-def _cast(ref: TensorRef, dtype: torch.dtype) -> torch.Tensor:
-    t = ref.load()
-    if t.is_floating_point():
-        return t.to(dtype=dtype, copy=True).contiguous()
-    return t.clone().contiguous()
-
-
-def load_outside(
-    model: nn.Module, refs: dict[str, TensorRef], dtype: torch.dtype, *, skip: str, where: str
-) -> None:
-    """Assign every parameter of MODEL outside SKIP (a name prefix), strictly; SKIP stays on the meta device."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
-    missing, unexpected = sorted(set(expected) - set(refs)), sorted(set(refs) - set(expected))
-    if missing or unexpected:
-        names = ", ".join((missing or unexpected)[:5])
-        raise LlavaConvertError(
-            f"{where}: weights do not fit {type(model).__name__} ({'missing' if missing else 'unexpected'} {names})"
-        )
-    for k, r in refs.items():
-        if tuple(r.shape) != tuple(expected[k].shape):
-            raise LlavaConvertError(
-                f"{where}: {k} has shape {tuple(r.shape)}, expected {tuple(expected[k].shape)}"
-            )
-        _assign(model, k, _cast(r, dtype))
-
-
-def load_into(module: nn.Module, refs: dict[str, TensorRef], dtype: torch.dtype, *, where: str) -> None:
-    """Assign lazily read weights to MODULE (built on the meta device); every parameter must be provided."""
-    expected = dict(module.state_dict())
-    missing = sorted(set(expected) - set(refs))
-    unexpected = sorted(set(refs) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(
-                f"missing {', '.join(missing[:5])}"
-                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            )
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}")
-        raise LlavaConvertError(f"{where}: weights do not fit {type(module).__name__} ({'; '.join(parts)})")
-    bad = [k for k, r in refs.items() if tuple(r.shape) != tuple(expected[k].shape)]
-    if bad:
-        k = bad[0]
-        raise LlavaConvertError(
-            f"{where}: {k} has shape {tuple(refs[k].shape)}, expected {tuple(expected[k].shape)} "
-            f"(in {refs[k].path.name})"
-        )
-    module.load_state_dict({k: _cast(r, dtype) for k, r in refs.items()}, strict=True, assign=True)
-
-
-class LayerStreamer:
-    """Materialises each decoder layer just before its forward and frees it right after.
-
-    LAYERS are modules built on the meta device; WEIGHTS(i) gives layer i's lazy tensors keyed by the names
-    inside the layer. Works inside `generate` (the KV cache lives outside the layers).
-    """
-
-    def __init__(
-        self,
-        layers: nn.ModuleList,
-        weights: Callable[[int], dict[str, TensorRef]],
-        dtype: torch.dtype,
-        where: str,
-    ):
-        self._handles = []
-        self.loads = 0
-        for i, layer in enumerate(layers):
-            self._handles.append(layer.register_forward_pre_hook(self._loader(i, weights, dtype, where)))
-            self._handles.append(layer.register_forward_hook(self._free))
-
-    def _loader(self, i, weights, dtype, where):
-        def hook(module, args):
-            load_into(module, weights(i), dtype, where=f"{where} (decoder layer {i})")
-            self.loads += 1
-
-        return hook
-
-    @staticmethod
-    def _free(module, args, output):
-        module.to("meta")
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 def clip_vision_state(refs: dict[str, TensorRef], *, where: str) -> dict[str, TensorRef]:
@@ -624,10 +233,9 @@ class ReferenceModel:
                     f"{tokenizer_dir}: cannot load the tokenizer ({type(e).__name__}: {e})"
                 ) from None
             # The tokens the authors' builder adds (load_pretrained_model), in its order.
-            if self.config.get("mm_use_im_patch_token", True):
-                self.tokenizer.add_tokens(["<im_patch>"], special_tokens=True)
-            if self.config.get("mm_use_im_start_end", False):
-                self.tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
+            added = authors_added_tokens(self.config, self.tokenizer)
+            if added:
+                self.tokenizer.add_tokens(list(added), special_tokens=True)
             try:
                 self.image_processor = CLIPImageProcessorPil.from_pretrained(str(self.tower.path))
             except Exception as e:  # noqa: BLE001
@@ -645,7 +253,7 @@ class ReferenceModel:
         self.vision_config = self.vision.config
         self.projector = self._build_projector()
         newline = self.tensors.get("model.image_newline")
-        self.image_newline = _cast(newline, self.dtype) if newline is not None else None
+        self.image_newline = load_as(newline, self.dtype) if newline is not None else None
         self.lm, self._streamer = self._build_language_model()
         self.recorder = Recorder(self.lm.model.layers, self.lm.model.norm)
 
@@ -689,7 +297,8 @@ class ReferenceModel:
     def _build_vision(self, refs: dict[str, TensorRef], *, where: str):
         from transformers import CLIPVisionModel
 
-        cfg = clip_vision_config(self.tower, VISION_ATTENTION)
+        cfg = authors_config.vision_config(self.tower)
+        cfg._attn_implementation = VISION_ATTENTION
         with torch.device("meta"):
             model = CLIPVisionModel(cfg)
         load_into(model, clip_vision_state(refs, where=where), self.dtype, where=where)
@@ -710,7 +319,16 @@ class ReferenceModel:
     def _build_language_model(self):
         from transformers import LlamaForCausalLM, MistralForCausalLM
 
-        cfg = language_model_config(self.config, self.ckpt.backbone, self.vocab_size, TEXT_ATTENTION)
+        # The original vocabulary, unpadded; the config's pad id only where it is one of its rows.
+        pad = self.config.get("pad_token_id")
+        cfg = authors_config.text_config(
+            self.config,
+            self.ckpt.backbone,
+            vocab_size=self.vocab_size,
+            pad_token_id=pad if isinstance(pad, int) and 0 <= pad < self.vocab_size else None,
+            where=self.cfg_path,
+        )
+        cfg._attn_implementation = TEXT_ATTENTION
         cls = MistralForCausalLM if self.ckpt.backbone == "mistral" else LlamaForCausalLM
         with quiet(), torch.device("meta"):
             lm = cls(cfg)
@@ -928,7 +546,7 @@ class ReferenceModel:
         else:
             # The pinpoints copied as written: transformers reads each pair as (height, width), which on a tie
             # (an image no larger than the tower on both sides) picks the transposed grid.
-            pins = _pinpoints(self.config.get("image_grid_pinpoints"))
+            pins = parse_pinpoints(self.config.get("image_grid_pinpoints"))
             transposed = [(h, w) for w, h in pins]
             if select_best_resolution(image.size, transposed) != select_best_resolution(image.size, pins):
                 alt["pixel_values:pinpoints_hw"] = process_image(image, self.image_processor, aspect, transposed)
@@ -961,12 +579,3 @@ class ReferenceModel:
         self.lm = self.vision = self.projector = None  # type: ignore[assignment]
         self.tensors = {}
 
-
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(parent, attr, nn.Parameter(tensor, requires_grad=False))
-    else:
-        parent.register_buffer(attr, tensor)

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from images import test_images
 
+from llava_convert.authors.tokenizer import IMAGE_TOKEN_INDEX
 from llava_convert.check import collapse_image_tokens
-from llava_convert.reference import IMAGE_TOKEN_INDEX
 
 
 def load_converted(hf_dir: Path):
@@ -21,7 +21,7 @@ def load_converted(hf_dir: Path):
 
 def authors_spelling(prompt: str, tokenizer) -> str:
     """A converted template's prompt in the authors' spelling: without the BOS it writes first (the authors'
-    tokenizer adds it) and the spaces it writes where the authors tokenize a fresh string (processor.PromptStyle)."""
+    tokenizer adds it) and the spaces it writes where the authors tokenize a fresh string (authors.tokenizer.PromptStyle)."""
     bos = tokenizer.bos_token
     if bos and prompt.startswith(bos):
         prompt = prompt[len(bos) :].removeprefix(" ")

@@ -17,6 +17,9 @@ from builders import HIDDEN, clip_vision_state, llm_state, write_original
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from llava_convert.authors.images import select_best_resolution, unpad_image
+from llava_convert.authors.templates import CONV_TEMPLATES, TEMPLATES, authors_prompt, template_for
+from llava_convert.authors.tokenizer import IMAGE_TOKEN_INDEX, tokenizer_image_token
 from llava_convert.check import (
     FLOAT_THRESHOLDS,
     QUANT_THRESHOLDS,
@@ -29,16 +32,7 @@ from llava_convert.check import (
 )
 from llava_convert.cli import main
 from llava_convert.convert import convert
-from llava_convert.reference import (
-    CONV_TEMPLATES,
-    IMAGE_TOKEN_INDEX,
-    ReferenceModel,
-    authors_prompt,
-    select_best_resolution,
-    tokenizer_image_token,
-    unpad_image,
-)
-from llava_convert.templates import TEMPLATES, template_for
+from llava_convert.reference import ReferenceModel
 
 PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 
@@ -460,7 +454,8 @@ def test_help():
 
 
 def test_conversation_port_matches_chat_templates(v15):
-    """Two independent implementations of the authors' templates: the Jinja ones and the Python port."""
+    """The two renderings of the authors' templates agree: the Jinja ones (through the processor) and the
+    Python port of `get_prompt`."""
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(str(v15[1]))

@@ -3,20 +3,41 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from builders import write_original
+from jinja2 import Environment
 
+from llava_convert.authors.templates import (
+    AUTHORS_DEFAULT_MODE,
+    AUTHORS_NAME_RULES,
+    CONV_TEMPLATES,
+    RELEASE_NAMES,
+    TEMPLATES,
+    authors_conv_mode,
+    template_for,
+)
 from llava_convert.convert import plan_conversion
 from llava_convert.hub import cached_repo_id
-from llava_convert.reference import CONV_TEMPLATES
-from llava_convert.templates import AUTHORS_DEFAULT_MODE, AUTHORS_NAME_RULES, TEMPLATES, authors_conv_mode
 
 
 def test_every_mode_the_authors_name_rule_gives_has_a_template():
     modes = {mode for _, mode in AUTHORS_NAME_RULES} | {AUTHORS_DEFAULT_MODE}
     assert modes <= set(TEMPLATES) and modes <= set(CONV_TEMPLATES)
     assert authors_conv_mode("LLaVA-Lightning-MPT-7B-preview") == "mpt"
+    for name in [*RELEASE_NAMES, *(marker for marker, _ in AUTHORS_NAME_RULES), "no-marker"]:
+        mode = authors_conv_mode(name)
+        assert "{%- set IMAGE" in template_for(mode), name  # no "unknown chat template" for any name
+
+
+def test_jinja_templates_and_the_authors_conversations_are_one_table():
+    """The chat templates are generated from the authors' Conversation fields: the same modes, and a
+    Conversation edited is a chat template changed."""
+    assert set(TEMPLATES) == set(CONV_TEMPLATES)
+    for mode, conv in CONV_TEMPLATES.items():
+        assert TEMPLATES[mode] == conv.jinja()
+        assert conv.jinja() != replace(conv, system=conv.system + "!").jinja(), mode
 
 
 def test_cached_repo_id_reads_the_cache_layout(tmp_path):
@@ -47,3 +68,21 @@ def test_vision_tower_path_from_the_training_machine_suggests_the_hub_id(tmp_pat
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LlavaConvertError, match=r"e\.g\. --vision-tower openai/clip-vit-large-patch14-336 "):
         plan_conversion(ckpt)
+
+
+@pytest.mark.parametrize("mode", sorted(CONV_TEMPLATES))
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_chat_template_renders_the_authors_get_prompt_over_several_turns(mode, system):
+    """Both renderings of a Conversation agree: 2 user turns, an answer, a system message or not."""
+    conv = CONV_TEMPLATES[mode] if system is None else replace(CONV_TEMPLATES[mode], system=system)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    got = Environment().from_string(template_for(mode)).render(messages=messages, add_generation_prompt=True)
+    user, assistant = conv.roles
+    turns = [(user, "<image>\nWhat is it?"), (assistant, "A cat."), (user, "And its colour?"), (assistant, None)]
+    assert got == conv.get_prompt(turns)

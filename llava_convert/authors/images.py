@@ -1,0 +1,116 @@
+"""The authors' image preprocessing (`llava/mm_utils.py`) and unpadding (`llava/model/llava_arch.py`).
+
+`process_image` is `process_images([image], image_processor, config)` for one image: CLIP's own crop,
+`pad` (expand to a square filled with the mean colour), or `anyres` (the base image plus tiles of the best
+grid in `image_grid_pinpoints`, read as (width, height) pairs). The reference runs these; the converter
+takes the pinpoints' reading from here (`hfconfig.hf_grid_pinpoints`).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+
+import torch
+from PIL import Image
+
+
+def select_best_resolution(original_size: tuple[int, int], possible: list) -> tuple[int, int]:
+    original_width, original_height = original_size
+    best_fit = None
+    max_effective = 0
+    min_wasted = float("inf")
+    for width, height in possible:
+        scale = min(width / original_width, height / original_height)
+        dw, dh = int(original_width * scale), int(original_height * scale)
+        effective = min(dw * dh, original_width * original_height)
+        wasted = width * height - effective
+        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
+            max_effective, min_wasted, best_fit = effective, wasted, (width, height)
+    assert best_fit is not None
+    return best_fit
+
+
+def resize_and_pad_image(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    original_width, original_height = image.size
+    target_width, target_height = target
+    scale_w = target_width / original_width
+    scale_h = target_height / original_height
+    if scale_w < scale_h:
+        new_width = target_width
+        new_height = min(math.ceil(original_height * scale_w), target_height)
+    else:
+        new_height = target_height
+        new_width = min(math.ceil(original_width * scale_h), target_width)
+    resized = image.resize((new_width, new_height))
+    new_image = Image.new("RGB", (target_width, target_height), (0, 0, 0))
+    new_image.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
+    return new_image
+
+
+def divide_to_patches(image: Image.Image, patch_size: int) -> list[Image.Image]:
+    width, height = image.size
+    return [
+        image.crop((j, i, j + patch_size, i + patch_size))
+        for i in range(0, height, patch_size)
+        for j in range(0, width, patch_size)
+    ]
+
+
+def parse_pinpoints(grid_pinpoints) -> list:
+    """`image_grid_pinpoints` as a list of (width, height) pairs (the authors' configs may hold its repr)."""
+    return grid_pinpoints if isinstance(grid_pinpoints, list) else ast.literal_eval(grid_pinpoints)
+
+
+def get_anyres_image_grid_shape(
+    image_size: tuple[int, int], grid_pinpoints, patch_size: int
+) -> tuple[int, int]:
+    """(columns, rows) of the tile grid."""
+    width, height = select_best_resolution(image_size, parse_pinpoints(grid_pinpoints))
+    return width // patch_size, height // patch_size
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
+    return result
+
+
+def _preprocess(processor, image: Image.Image) -> torch.Tensor:
+    return processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+
+def process_anyres_image(image: Image.Image, processor, grid_pinpoints) -> torch.Tensor:
+    best = select_best_resolution(image.size, parse_pinpoints(grid_pinpoints))
+    padded = resize_and_pad_image(image, best)
+    patches = divide_to_patches(padded, processor.crop_size["height"])
+    side = processor.size["shortest_edge"]
+    base = image.resize((side, side))
+    return torch.stack([_preprocess(processor, p) for p in [base, *patches]], dim=0)
+
+
+def process_image(image: Image.Image, processor, aspect: str | None, grid_pinpoints=None) -> torch.Tensor:
+    """`process_images([image], ...)`: `[1, 3, S, S]`, or `[1, N, 3, S, S]` for anyres."""
+    if aspect == "pad":
+        background = tuple(int(x * 255) for x in processor.image_mean)
+        return _preprocess(processor, expand2square(image, background))[None]
+    if aspect == "anyres":
+        return process_anyres_image(image, processor, grid_pinpoints)[None]
+    return processor(image, return_tensors="pt")["pixel_values"]
+
+
+def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """`llava_arch.unpad_image`; ORIGINAL_SIZE is (width, height) as the authors pass `image.size`."""
+    original_width, original_height = original_size
+    current_height, current_width = tensor.shape[1:]
+    if original_width / original_height > current_width / current_height:
+        new_height = int(original_height * (current_width / original_width))
+        padding = (current_height - new_height) // 2
+        return tensor[:, padding : current_height - padding, :]
+    new_width = int(original_width * (current_height / original_height))
+    padding = (current_width - new_width) // 2
+    return tensor[:, :, padding : current_width - padding]
