@@ -59,6 +59,8 @@ TEXT_ATTENTION = "sdpa"
 VISION_ATTENTION = "eager"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Greedy decoding with the sampling settings cleared: how both sides of `check` generate.
+GREEDY = {"do_sample": False, "num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -914,14 +916,7 @@ class ReferenceModel:
         }
         settings.setdefault("bos_token_id", self.config.get("bos_token_id"))
         settings.setdefault("eos_token_id", self.config.get("eos_token_id"))
-        settings.update(
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=max_new_tokens,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
+        settings.update(GREEDY, max_new_tokens=max_new_tokens)
         settings.pop("max_length", None)
         with quiet():
             return GenerationConfig(**settings)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from images import test_images
 
-from llava_convert.check import collapse_image_tokens
+from llava_convert.check.converted import collapse_image_tokens
 from llava_convert.reference import IMAGE_TOKEN_INDEX
 
 

@@ -17,16 +17,10 @@ from builders import HIDDEN, clip_vision_state, llm_state, write_original
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from llava_convert.check import (
-    FLOAT_THRESHOLDS,
-    QUANT_THRESHOLDS,
-    builtin_image,
-    check,
-    collapse_image_tokens,
-    hf_weight_name,
-    quantization_type,
-    thresholds_for,
-)
+from llava_convert.check import CheckOptions, check
+from llava_convert.check.converted import collapse_image_tokens, hf_weight_name
+from llava_convert.check.report import FLOAT_THRESHOLDS, QUANT_THRESHOLDS, quantization_type, thresholds_for
+from llava_convert.check.run import builtin_image
 from llava_convert.cli import main
 from llava_convert.convert import convert
 from llava_convert.reference import (
@@ -159,7 +153,7 @@ def test_correct_conversion_passes(v15, tmp_path):
 def test_next_conversion_passes_with_several_images(v16):
     ckpt, hf = v16
     images = [builtin_image(), builtin_image(90, 200, seed=1), builtin_image(64, 64, seed=2)]
-    report = check(ckpt, hf, images=images, max_new_tokens=4)
+    report = check(ckpt, hf, CheckOptions(images=images, max_new_tokens=4))
     assert report.passed, report.summary()
     assert [s.stage for s in report.images[0].stages][4] == "image merge (unpad + newline)"
     # three aspect ratios, three anyres grids
@@ -169,8 +163,8 @@ def test_next_conversion_passes_with_several_images(v16):
 
 def test_low_memory_gives_the_same_figures(v16):
     ckpt, hf = v16
-    full = check(ckpt, hf, max_new_tokens=4)
-    low = check(ckpt, hf, max_new_tokens=4, low_memory=True)
+    full = check(ckpt, hf, CheckOptions(max_new_tokens=4))
+    low = check(ckpt, hf, CheckOptions(max_new_tokens=4, low_memory=True))
     assert low.passed and low.low_memory
     assert low.figures() == full.figures()
     assert [(s.stage, s.max_abs) for s in low.images[0].stages] == [
@@ -202,7 +196,7 @@ def test_low_memory_streams_layers(v15):
 
 def test_bfloat16(v15):
     ckpt, hf = v15
-    report = check(ckpt, hf, dtype="bfloat16", max_new_tokens=2)
+    report = check(ckpt, hf, CheckOptions(dtype="bfloat16", max_new_tokens=2))
     assert report.passed, report.summary()
     assert report.thresholds == FLOAT_THRESHOLDS["bfloat16"]
 
@@ -319,7 +313,8 @@ def test_next_matches_on_images_no_larger_than_the_tower(v16):
     """Every pinpoint upscales a 25x15 image equally: the first listed wins, read as the authors read them."""
     ckpt, hf = v16
     sizes = [(25, 15), (15, 25), (28, 28), (83, 50)]
-    report = check(ckpt, hf, images=[_noise(w, h, seed=i) for i, (w, h) in enumerate(sizes)], max_new_tokens=2)
+    images = [_noise(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    report = check(ckpt, hf, CheckOptions(images=images, max_new_tokens=2))
     assert report.passed, report.summary()
     assert all(im.pixel_max_diff == 0.0 for im in report.images)
 
@@ -330,7 +325,7 @@ def test_pinpoints_copied_as_the_authors_wrote_them(v16, tmp_path):
     authors = json.loads((ckpt / "config.json").read_text())["image_grid_pinpoints"]
     edit_json(bad / "config.json", lambda c: c.update(image_grid_pinpoints=authors))
     edit_json(bad / "preprocessor_config.json", lambda c: c.update(image_grid_pinpoints=authors))
-    report = check(ckpt, bad, images=[_noise(25, 15)], max_new_tokens=2)
+    report = check(ckpt, bad, CheckOptions(images=[_noise(25, 15)], max_new_tokens=2))
     assert not report.passed
     (im,) = report.images
     assert im.first_divergence == "pixel_values"
@@ -374,14 +369,14 @@ def test_int8_quantized_uses_distribution_thresholds(v15, tmp_path):
     model.save_pretrained(str(q))
     AutoProcessor.from_pretrained(str(hf)).save_pretrained(str(q))
     ckpt = v15[0]
-    report = check(ckpt, q, atol=1e-9, max_kl=1.0, min_top1=0.5, max_new_tokens=2)
+    report = check(ckpt, q, CheckOptions(atol=1e-9, max_kl=1.0, min_top1=0.5, max_new_tokens=2))
     assert report.quantization == "int8" and report.thresholds.atol is None
     assert report.passed, report.summary()
     assert report.images[0].logits_max_abs > 1e-9  # atol is not applied
     assert any("--atol ignored" in n for n in report.notes)
     rows = {s.stage: s for s in report.images[0].stages}
     assert rows["vision tower (features)"].ok and rows["projector"].ok  # skipped modules stay exact
-    strict = check(ckpt, q, max_kl=0.0, max_new_tokens=0)
+    strict = check(ckpt, q, CheckOptions(max_kl=0.0, max_new_tokens=0))
     assert not strict.passed and any("KL" in r for r in strict.reasons)
 
 
