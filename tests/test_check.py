@@ -23,6 +23,7 @@ from llava_convert.check.report import FLOAT_THRESHOLDS, QUANT_THRESHOLDS, quant
 from llava_convert.check.run import builtin_image
 from llava_convert.cli import main
 from llava_convert.convert import convert
+from llava_convert.forms import read_tensors
 from llava_convert.reference import (
     CONV_TEMPLATES,
     IMAGE_TOKEN_INDEX,
@@ -148,6 +149,28 @@ def test_correct_conversion_passes(v15, tmp_path):
     assert rep["sources"]["original"]["pytorch_model.bin.index.json"] == sha
     assert set(rep["sources"]["converted"]) >= {
         "config.json", "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja"}
+    # A full original: the original side builds its model from the checkpoint's own tensors, no merge.
+    shared = rep["shared_with_converter"]
+    assert not any("merge" in p["part"] or "delta" in p["part"] for p in shared)
+    assert [p["part"] for p in shared] == ["the chat template choice", "the CLIP tower's key names"]
+    assert "not checked, the converter's own code on both sides" in r.output and "LoRA" not in r.output
+
+
+def test_report_says_a_lora_merge_is_not_checked(tmp_path):
+    """A LoRA original's side is merged by the converter's own code: the report (JSON and text) says a merge bug
+    is not caught by check, and which code it is."""
+    base = builders.write_base(tmp_path)
+    lora = builders.write_lora(tmp_path)
+    hf = tmp_path / "hf"
+    convert(lora, hf, base=base, dtype="float32", progress=False)
+    report = check(lora, hf, CheckOptions(base=base, max_new_tokens=1))
+    assert report.passed, report.summary()
+    merge, *rest = report.to_dict()["shared_with_converter"]
+    assert merge["part"] == "the LoRA merge"
+    assert "a merge bug is not caught here" in merge["consequence"] and "oracle tier" in merge["consequence"]
+    assert merge["code"] == [f"{read_tensors.__module__}.{read_tensors.__qualname__}"]
+    assert [p["part"] for p in rest] == ["the chat template choice", "the CLIP tower's key names"]
+    assert "both sides (the oracle tier covers it): the LoRA merge (" in report.summary()
 
 
 def test_next_conversion_passes_with_several_images(v16):
@@ -263,6 +286,21 @@ def test_wrong_chat_template(v15, tmp_path):
     (bad / "chat_template.json").write_text(json.dumps({"chat_template": template_for("llava_llama_2")}))
     r = _fails_at(ckpt, bad, "prompt ids", "prompt ids differ: wrong chat template?")
     assert "renders the authors' 'llava_llama_2'" in r.output
+
+
+def test_missing_chat_template(v15, tmp_path):
+    """No chat template in CONVERTED: a failed check at the prompt ids, naming the template error (PromptError),
+    not a crash; the figures are still computed on the authors' ids."""
+    ckpt, hf = v15
+    bad = broken(hf, tmp_path)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bad / name).unlink()
+    edit_json(bad / "tokenizer_config.json", lambda c: c.pop("chat_template", None))
+    report = check(ckpt, bad, CheckOptions(max_new_tokens=1))
+    (im,) = report.images
+    assert not report.passed and im.first_divergence == "prompt ids"
+    assert im.hint.startswith("prompt ids differ: the converted processor has no usable chat template (")
+    assert im.logits_max_abs is not None and im.logits_max_abs <= 1e-4
 
 
 def test_projector_layers_swapped(tmp_path, monkeypatch):

@@ -103,10 +103,10 @@ def _qualname(fn: Callable) -> str:
 
 
 _ORACLE = "the oracle tier (the authors' own code) covers it"
-_MERGES = {
-    "lora": "the LoRA merge (adapter into the base LLM, as PEFT's merge_and_unload)",
-    "projector": "the projector-only assembly (the pretrain-stage projector on the base LLM)",
-    "delta": "the delta addition (delta weights plus the base LLM)",
+_MERGES = {  # form -> (the part, what it does)
+    "lora": ("the LoRA merge", "the adapter merged into the base LLM, as PEFT's merge_and_unload"),
+    "projector": ("the projector-only assembly", "the pretrain-stage projector put on the base LLM"),
+    "delta": ("the delta addition", "the delta weights added to the base LLM"),
 }
 
 
@@ -115,13 +115,14 @@ def shared_parts(ref: ReferenceModel) -> list[SharedPart]:
     check passes over it. Always the template choice and the CLIP tower's key table; for a LoRA adapter, a
     projector-only checkpoint or delta weights also the merge that builds the model the authors' loader builds."""
     parts = []
-    merge = _MERGES.get(ref.ckpt.form)
-    if merge is not None:
+    if ref.ckpt.form in _MERGES:
+        part, what = _MERGES[ref.ckpt.form]
         parts.append(
             SharedPart(
-                merge,
+                part,
                 (_qualname(read_tensors),),
-                f"the original side is built with the converter's merge, so a merge bug is not caught here; {_ORACLE}",
+                f"{what} by the converter's own code on the original side too, so a merge bug is not caught "
+                f"here; {_ORACLE}",
             )
         )
     parts.append(
