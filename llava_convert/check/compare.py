@@ -1,7 +1,7 @@
-"""Comparing the two sides of `check` for one image: the stage table (prompt ids, pixel values, vision features,
-projector, image merge, embeddings, each decoder layer, final norm, logits), the logit figures, and for the first
-stage beyond tolerance a hint naming the mistake that fits (an alternative the original side computed matches the
-converted output)."""
+"""Comparing the two sides of `check` for one image: the stage table (prompt ids, pixel values, vision
+features, projector, image merge, embeddings, each decoder layer, final norm, logits), the logit figures, and
+for the first stage beyond tolerance a hint naming the mistake that fits (an alternative the original side
+computed matches the converted output)."""
 
 from __future__ import annotations
 
@@ -187,8 +187,8 @@ def _vision_stages(st: _Stages, s: ImageStages, conv: ConvertedRun) -> None:
 
 @dataclass(frozen=True)
 class _Alignment:
-    """Positions compared in the language model: text before the image, the image (when both sides have as many
-    image tokens), text after it."""
+    """Positions compared in the language model: text before the image, the image (when both sides have as
+    many image tokens), text after it."""
 
     orig: torch.Tensor  # indices into the original's sequence
     conv: torch.Tensor  # the matching indices into the converted one

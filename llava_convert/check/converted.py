@@ -1,6 +1,7 @@
 """The converted side of `check`: the Hugging Face checkpoint loaded as a user loads it (transformers 5's
-`AutoModelForImageTextToText` and `AutoProcessor.apply_chat_template`), whole or streamed layer by layer, with
-hooks recording the vision features, the projector output, each decoder layer, the final norm and the logits."""
+`AutoModelForImageTextToText` and `AutoProcessor.apply_chat_template`), whole or streamed layer by layer,
+with hooks recording the vision features, the projector output, each decoder layer, the final norm and the
+logits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a user chooses for `check`: one frozen value, built by the CLI (or a caller) and read by every step."""
+"""What a user chooses for `check`: one frozen value, built by the CLI (or a caller), read by every step."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class CheckOptions:
     """How to run and judge `check(original, converted, options)`.
 
     Attributes:
-        vision_tower: CLIP directory or Hub repo id for the original (default: its config's `mm_vision_tower`).
+        vision_tower: CLIP directory or Hub repo id for the original (default: its `mm_vision_tower`).
         base: the base LLM, when the original is a LoRA adapter, a projector-only checkpoint or delta weights.
         delta: the original is delta weights (default: by name, as `convert` decides).
         images: image files or PIL images; default: one built-in, deterministic, non-square test image.

@@ -1,6 +1,6 @@
 """The original side of `check`: the authors' forward pass (`reference.ReferenceModel`) on every image, its
-stage outputs kept on the CPU so the model can be freed before the converted one loads; and what of that side is
-the converter's own code, which `check` therefore cannot test (the report says so)."""
+stage outputs kept on the CPU so the model can be freed before the converted one loads; and what of that
+side is the converter's own code, which `check` therefore cannot test (the report says so)."""
 
 from __future__ import annotations
 
@@ -111,9 +111,9 @@ _MERGES = {  # form -> (the part, what it does)
 
 
 def shared_parts(ref: ReferenceModel) -> list[SharedPart]:
-    """The parts of REF's side that run the converter's own code: a bug there shows on both sides alike, so the
-    check passes over it. Always the template choice and the CLIP tower's key table; for a LoRA adapter, a
-    projector-only checkpoint or delta weights also the merge that builds the model the authors' loader builds."""
+    """The parts of REF's side that run the converter's own code: a bug there shows on both sides alike, so
+    the check passes over it. Always the template choice and the CLIP tower's key table; for a LoRA adapter,
+    a projector-only checkpoint or delta weights also the merge that builds the authors' loader's model."""
     parts = []
     if ref.ckpt.form in _MERGES:
         part, what = _MERGES[ref.ckpt.form]
@@ -129,15 +129,16 @@ def shared_parts(ref: ReferenceModel) -> list[SharedPart]:
         SharedPart(
             "the chat template choice",
             (_qualname(choose_chat_template),),
-            "the original side renders the conversation template the converter's rule picks, so a wrong choice "
-            f"is not caught here; {_ORACLE}",
+            "the original side renders the conversation template the converter's rule picks, so a wrong "
+            f"choice is not caught here; {_ORACLE}",
         )
     )
     parts.append(
         SharedPart(
             "the CLIP tower's key names",
             (_qualname(clip_vision_state), "mappings/clip.toml"),
-            f"the tower is read through the converter's table, so a tower key mapped wrong is not caught here; {_ORACLE}",
+            "the tower is read through the converter's table, so a tower key mapped wrong is not caught "
+            f"here; {_ORACLE}",
         )
     )
     return parts

@@ -1,6 +1,6 @@
-"""The check's verdict and report: what counts as agreement (thresholds per dtype and quantization type), the
-stage table of one image, the figures over all images, the parts of the original side that are the converter's own
-code (what `check` cannot catch), and the JSON / text renderings."""
+"""The check's verdict and report: what counts as agreement (thresholds per dtype and quantization type),
+the stage table of one image, the figures over all images, the parts of the original side that are the
+converter's own code (what `check` cannot catch), and the JSON / text renderings."""
 
 from __future__ import annotations
 

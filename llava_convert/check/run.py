@@ -158,7 +158,8 @@ def check(original: Path | str, converted: Path | str, options: CheckOptions | N
         LlavaConvertError: unreadable inputs (directories, configs, weights, tokenizer, processor, images).
 
     Example:
-        >>> report = check("llava-v1.5-7b", "llava-1.5-7b-hf", CheckOptions(vision_tower="clip-vit-large-patch14-336"))
+        >>> options = CheckOptions(vision_tower="clip-vit-large-patch14-336", low_memory=True)
+        >>> report = check("llava-v1.5-7b", "llava-1.5-7b-hf", options)
         >>> print(report.summary())
     """
     with quiet():
