@@ -1,4 +1,4 @@
-"""`llava-convert check` command (implemented in llava_convert/check.py).
+"""`llava-convert check` command (implemented in the llava_convert/check/ package).
 
 Kept light: torch and transformers are imported inside the command, so `llava-convert --help` answers at once.
 """
@@ -92,13 +92,14 @@ def check(
             raise LlavaConvertError(f"Cannot write the report to {json_path}: it is a directory")
         if not os.access(json_path if json_path.exists() else parent, os.W_OK):
             raise LlavaConvertError(f"Cannot write the report to {json_path}: permission denied")
-    from .check import DEFAULT_PROMPT
+    from .check import CheckOptions
     from .check import check as run
+    from .check.options import DEFAULT_PROMPT
 
-    report = run(
-        original,
-        converted,
+    options = CheckOptions(
         vision_tower=vision_tower,
+        base=base,
+        delta=delta,
         images=list(images) or None,
         prompt=prompt if prompt is not None else DEFAULT_PROMPT,
         dtype=dtype,
@@ -107,9 +108,8 @@ def check(
         max_new_tokens=max_new_tokens,
         low_memory=low_memory,
         progress=not quiet,
-        base=base,
-        delta=delta,
     )
+    report = run(original, converted, options)
     if json_path is not None:
         try:
             report.write_json(json_path)
@@ -135,9 +135,11 @@ def save(report, converted: Path) -> None:
 
 def check_and_save(original, converted: Path, *, vision_tower, base, delta, quiet: bool) -> None:
     """`convert --check`: the default check, its report saved into CONVERTED; raises CheckFailed (exit 1)."""
+    from .check import CheckOptions
     from .check import check as run
 
-    report = run(original, converted, vision_tower=vision_tower, base=base, delta=delta, progress=not quiet)
+    options = CheckOptions(vision_tower=vision_tower, base=base, delta=delta, progress=not quiet)
+    report = run(original, converted, options)
     save(report, converted)
     click.echo(report.summary())
     report.raise_for_verdict()

@@ -64,6 +64,8 @@ PROJECTOR_PREFIX = "model.mm_projector."
 TEXT_ATTENTION = "sdpa"
 VISION_ATTENTION = "eager"
 
+# Greedy decoding with the sampling settings cleared: how both sides of `check` generate.
+GREEDY = {"do_sample": False, "num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,14 +508,7 @@ class ReferenceModel:
         }
         settings.setdefault("bos_token_id", self.config.get("bos_token_id"))
         settings.setdefault("eos_token_id", self.config.get("eos_token_id"))
-        settings.update(
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=max_new_tokens,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
+        settings.update(GREEDY, max_new_tokens=max_new_tokens)
         settings.pop("max_length", None)
         with quiet():
             return GenerationConfig(**settings)

@@ -8,7 +8,7 @@ import torch
 from images import test_images
 
 from llava_convert.authors.tokenizer import IMAGE_TOKEN_INDEX
-from llava_convert.check import collapse_image_tokens
+from llava_convert.check.converted import collapse_image_tokens
 
 
 def load_converted(hf_dir: Path):

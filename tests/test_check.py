@@ -20,18 +20,13 @@ from safetensors.torch import load_file, save_file
 from llava_convert.authors.images import select_best_resolution, unpad_image
 from llava_convert.authors.templates import CONV_TEMPLATES, TEMPLATES, authors_prompt, template_for
 from llava_convert.authors.tokenizer import IMAGE_TOKEN_INDEX, tokenizer_image_token
-from llava_convert.check import (
-    FLOAT_THRESHOLDS,
-    QUANT_THRESHOLDS,
-    builtin_image,
-    check,
-    collapse_image_tokens,
-    hf_weight_name,
-    quantization_type,
-    thresholds_for,
-)
+from llava_convert.check import CheckOptions, check
+from llava_convert.check.converted import collapse_image_tokens, hf_weight_name
+from llava_convert.check.report import FLOAT_THRESHOLDS, QUANT_THRESHOLDS, quantization_type, thresholds_for
+from llava_convert.check.run import builtin_image
 from llava_convert.cli import main
 from llava_convert.convert import convert
+from llava_convert.original.merge import read_tensors
 from llava_convert.reference import ReferenceModel
 
 PINPOINTS = [[28, 56], [56, 28], [56, 56]]
@@ -148,12 +143,34 @@ def test_correct_conversion_passes(v15, tmp_path):
     assert rep["sources"]["original"]["pytorch_model.bin.index.json"] == sha
     assert set(rep["sources"]["converted"]) >= {
         "config.json", "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja"}
+    # A full original: the original side builds its model from the checkpoint's own tensors, no merge.
+    shared = rep["shared_with_converter"]
+    assert not any("merge" in p["part"] or "delta" in p["part"] for p in shared)
+    assert [p["part"] for p in shared] == ["the authors' templates and tokenizer rules", "the CLIP tower's key names"]
+    assert "not checked, the converter's own code on both sides" in r.output and "LoRA" not in r.output
+
+
+def test_report_says_a_lora_merge_is_not_checked(tmp_path):
+    """A LoRA original's side is merged by the converter's own code: the report (JSON and text) says a merge bug
+    is not caught by check, and which code it is."""
+    base = builders.write_base(tmp_path)
+    lora = builders.write_lora(tmp_path)
+    hf = tmp_path / "hf"
+    convert(lora, hf, base=base, dtype="float32", progress=False)
+    report = check(lora, hf, CheckOptions(base=base, max_new_tokens=1))
+    assert report.passed, report.summary()
+    merge, *rest = report.to_dict()["shared_with_converter"]
+    assert merge["part"] == "the LoRA merge"
+    assert "a merge bug is not caught here" in merge["consequence"] and "oracle tier" in merge["consequence"]
+    assert merge["code"] == [f"{read_tensors.__module__}.{read_tensors.__qualname__}"]
+    assert [p["part"] for p in rest] == ["the authors' templates and tokenizer rules", "the CLIP tower's key names"]
+    assert "both sides (the oracle tier covers it): the LoRA merge (" in report.summary()
 
 
 def test_next_conversion_passes_with_several_images(v16):
     ckpt, hf = v16
     images = [builtin_image(), builtin_image(90, 200, seed=1), builtin_image(64, 64, seed=2)]
-    report = check(ckpt, hf, images=images, max_new_tokens=4)
+    report = check(ckpt, hf, CheckOptions(images=images, max_new_tokens=4))
     assert report.passed, report.summary()
     assert [s.stage for s in report.images[0].stages][4] == "image merge (unpad + newline)"
     # three aspect ratios, three anyres grids
@@ -163,8 +180,8 @@ def test_next_conversion_passes_with_several_images(v16):
 
 def test_low_memory_gives_the_same_figures(v16):
     ckpt, hf = v16
-    full = check(ckpt, hf, max_new_tokens=4)
-    low = check(ckpt, hf, max_new_tokens=4, low_memory=True)
+    full = check(ckpt, hf, CheckOptions(max_new_tokens=4))
+    low = check(ckpt, hf, CheckOptions(max_new_tokens=4, low_memory=True))
     assert low.passed and low.low_memory
     assert low.figures() == full.figures()
     assert [(s.stage, s.max_abs) for s in low.images[0].stages] == [
@@ -196,7 +213,7 @@ def test_low_memory_streams_layers(v15):
 
 def test_bfloat16(v15):
     ckpt, hf = v15
-    report = check(ckpt, hf, dtype="bfloat16", max_new_tokens=2)
+    report = check(ckpt, hf, CheckOptions(dtype="bfloat16", max_new_tokens=2))
     assert report.passed, report.summary()
     assert report.thresholds == FLOAT_THRESHOLDS["bfloat16"]
 
@@ -265,6 +282,21 @@ def test_wrong_chat_template(v15, tmp_path):
     assert "renders the authors' 'llava_llama_2'" in r.output
 
 
+def test_missing_chat_template(v15, tmp_path):
+    """No chat template in CONVERTED: a failed check at the prompt ids, naming the template error (PromptError),
+    not a crash; the figures are still computed on the authors' ids."""
+    ckpt, hf = v15
+    bad = broken(hf, tmp_path)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bad / name).unlink()
+    edit_json(bad / "tokenizer_config.json", lambda c: c.pop("chat_template", None))
+    report = check(ckpt, bad, CheckOptions(max_new_tokens=1))
+    (im,) = report.images
+    assert not report.passed and im.first_divergence == "prompt ids"
+    assert im.hint.startswith("prompt ids differ: the converted processor has no usable chat template (")
+    assert im.logits_max_abs is not None and im.logits_max_abs <= 1e-4
+
+
 def test_projector_layers_swapped(tmp_path, monkeypatch):
     # A square projector (vision hidden = text hidden) so linear_1 and linear_2 can trade places.
     monkeypatch.setattr(builders, "V_HIDDEN", HIDDEN)
@@ -313,7 +345,8 @@ def test_next_matches_on_images_no_larger_than_the_tower(v16):
     """Every pinpoint upscales a 25x15 image equally: the first listed wins, read as the authors read them."""
     ckpt, hf = v16
     sizes = [(25, 15), (15, 25), (28, 28), (83, 50)]
-    report = check(ckpt, hf, images=[_noise(w, h, seed=i) for i, (w, h) in enumerate(sizes)], max_new_tokens=2)
+    images = [_noise(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    report = check(ckpt, hf, CheckOptions(images=images, max_new_tokens=2))
     assert report.passed, report.summary()
     assert all(im.pixel_max_diff == 0.0 for im in report.images)
 
@@ -324,7 +357,7 @@ def test_pinpoints_copied_as_the_authors_wrote_them(v16, tmp_path):
     authors = json.loads((ckpt / "config.json").read_text())["image_grid_pinpoints"]
     edit_json(bad / "config.json", lambda c: c.update(image_grid_pinpoints=authors))
     edit_json(bad / "preprocessor_config.json", lambda c: c.update(image_grid_pinpoints=authors))
-    report = check(ckpt, bad, images=[_noise(25, 15)], max_new_tokens=2)
+    report = check(ckpt, bad, CheckOptions(images=[_noise(25, 15)], max_new_tokens=2))
     assert not report.passed
     (im,) = report.images
     assert im.first_divergence == "pixel_values"
@@ -368,14 +401,14 @@ def test_int8_quantized_uses_distribution_thresholds(v15, tmp_path):
     model.save_pretrained(str(q))
     AutoProcessor.from_pretrained(str(hf)).save_pretrained(str(q))
     ckpt = v15[0]
-    report = check(ckpt, q, atol=1e-9, max_kl=1.0, min_top1=0.5, max_new_tokens=2)
+    report = check(ckpt, q, CheckOptions(atol=1e-9, max_kl=1.0, min_top1=0.5, max_new_tokens=2))
     assert report.quantization == "int8" and report.thresholds.atol is None
     assert report.passed, report.summary()
     assert report.images[0].logits_max_abs > 1e-9  # atol is not applied
     assert any("--atol ignored" in n for n in report.notes)
     rows = {s.stage: s for s in report.images[0].stages}
     assert rows["vision tower (features)"].ok and rows["projector"].ok  # skipped modules stay exact
-    strict = check(ckpt, q, max_kl=0.0, max_new_tokens=0)
+    strict = check(ckpt, q, CheckOptions(max_kl=0.0, max_new_tokens=0))
     assert not strict.passed and any("KL" in r for r in strict.reasons)
 
 

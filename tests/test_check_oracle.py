@@ -14,7 +14,7 @@ import torch
 from images import test_images
 from safetensors.torch import load_file, save_file
 
-from llava_convert.check import check
+from llava_convert.check import CheckOptions, check
 from llava_convert.convert import convert
 from llava_convert.reference import ReferenceModel
 
@@ -77,7 +77,7 @@ def test_good_conversion_passes(oracle_case, tmp_path, case):
     out = tmp_path / "hf"
     convert(_checkpoint(case_dir), out, dtype="float32", progress=False)
     images = test_images(torch.load(case_dir / "reference.pt", weights_only=True)["image_names"])
-    report = check(_checkpoint(case_dir), out, images=list(images.values()))
+    report = check(_checkpoint(case_dir), out, CheckOptions(images=list(images.values())))
     assert report.passed, report.summary()
     f = report.figures()
     assert f["logits_max_abs_diff"] <= ATOL and f["generation_match"] and f["prompt_ids_match"]
@@ -91,8 +91,8 @@ def test_low_memory_matches_in_memory(oracle_case, tmp_path, case):
     out = tmp_path / "hf"
     convert(_checkpoint(case_dir), out, dtype="float32", progress=False)
     image = test_images()["landscape"]
-    full = check(_checkpoint(case_dir), out, images=[image])
-    low = check(_checkpoint(case_dir), out, images=[image], low_memory=True)
+    full = check(_checkpoint(case_dir), out, CheckOptions(images=[image]))
+    low = check(_checkpoint(case_dir), out, CheckOptions(images=[image], low_memory=True))
     assert full.passed and low.passed
     assert low.figures() == full.figures()
     assert [(s.stage, s.max_abs, s.nmse) for s in low.images[0].stages] == [
@@ -116,7 +116,7 @@ def test_stock_clip_in_v16_is_detected(oracle_case, tmp_path):
     shutil.copytree(out, bad)
     stock = load_file(str(case_dir / "clip" / "model.safetensors"))
     _replace_tower(bad, {k: v for k, v in stock.items() if k.startswith("vision_model.")})
-    report = check(_checkpoint(case_dir), bad, max_new_tokens=2)
+    report = check(_checkpoint(case_dir), bad, CheckOptions(max_new_tokens=2))
     assert not report.passed
     assert report.first_divergence == (
         "vision tower (features)",
@@ -133,7 +133,7 @@ def test_stray_tower_weights_are_detected(oracle_case, tmp_path):
     ref = ReferenceModel(ckpt)
     stray = {k: r.load().float() for k, r in ref.stray_tower_refs().items()}
     _replace_tower(out, stray)
-    report = check(ckpt, out, max_new_tokens=2)
+    report = check(ckpt, out, CheckOptions(max_new_tokens=2))
     assert report.first_divergence == (
         "vision tower (features)",
         "the checkpoint's unused vision_tower.* weights instead of the tower directory's?",
@@ -151,14 +151,11 @@ FORM_CASES = {
 @pytest.mark.parametrize("case", list(FORM_CASES))
 def test_check_covers_forms_needing_a_base(oracle_case, tmp_path, case):
     """The reference side merges LoRA / adds projectors / applies deltas as the authors' loader does."""
-    from llava_convert.check import check
-    from llava_convert.convert import convert
-
     case_dir = oracle_case(case)
     src, base = FORM_CASES[case]
     out = tmp_path / "hf"
     base = case_dir / base if base else None
     convert(case_dir / src, out, base=base, dtype="float32", progress=False)
-    report = check(case_dir / src, out, base=base, max_new_tokens=4)
+    report = check(case_dir / src, out, CheckOptions(base=base, max_new_tokens=4))
     assert report.passed, report.summary()
     assert report.figures()["logits_max_abs_diff"] <= 1e-4

@@ -21,7 +21,7 @@ import torch
 from conftest import REPO, oracle_python
 from parity import chat, with_image_index
 
-from llava_convert.check import collapse_image_tokens
+from llava_convert.check.converted import collapse_image_tokens
 from llava_convert.convert import convert
 from llava_convert.hf_quantize import quantize_checkpoint
 from llava_convert.quantize import QuantSpec

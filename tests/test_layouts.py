@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llava_convert import layouts
-from llava_convert.check import hf_weight_name
+from llava_convert.check.converted import hf_weight_name
 from llava_convert.layouts import (
     LEGACY_ROOTS,
     MODEL_CLASSES,

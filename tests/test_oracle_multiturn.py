@@ -10,7 +10,7 @@ import torch
 from images import test_images
 from parity import authors_spelling, chat, with_image_index
 
-from llava_convert.check import collapse_image_tokens
+from llava_convert.check.converted import collapse_image_tokens
 from llava_convert.convert import convert
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]

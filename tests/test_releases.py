@@ -27,7 +27,7 @@ from releases import (
 )
 from safetensors import safe_open
 
-from llava_convert.check import check
+from llava_convert.check import CheckOptions, check
 from llava_convert.cli import main
 from llava_convert.convert import convert, plan_conversion
 
@@ -79,7 +79,7 @@ def test_release_converts_from_the_cache_and_passes_check(hub_cache, tmp_path, r
         # The released CLIPModel .bin: its buffers and text half are dropped, its vision weights converted.
         dropped = {k for k, _ in plan.dropped}
         assert {"vision_model.embeddings.position_ids", "text_model.embeddings.position_ids", "logit_scale"} <= dropped
-    report = check(snapshot_dir(hub_cache, repo), out, base=base, max_new_tokens=4)
+    report = check(snapshot_dir(hub_cache, repo), out, CheckOptions(base=base, max_new_tokens=4))
     assert report.passed, report.summary()
     (im,) = report.images
     assert im.pixel_max_diff == 0.0 and im.logits_max_abs <= 1e-4 and im.generation_match
@@ -198,7 +198,7 @@ def test_tower_saved_by_transformers_5_converts_and_checks(hub_cache, tmp_path):
     assert torch.equal(got, model.state_dict()["encoder.layers.0.self_attn.q_proj.weight"])
     r = run("inspect", V15, "--vision-tower", tower)
     assert r.exit_code == 0, r.output
-    report = check(snapshot_dir(hub_cache, V15), out, vision_tower=tower, max_new_tokens=2)
+    report = check(snapshot_dir(hub_cache, V15), out, CheckOptions(vision_tower=tower, max_new_tokens=2))
     assert report.passed, report.summary()
 
 

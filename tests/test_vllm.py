@@ -32,7 +32,7 @@ import torch
 from builders import HIDDEN, clip_vision_state, llm_state, write_original
 from images import test_images
 
-from llava_convert.check import collapse_image_tokens
+from llava_convert.check.converted import collapse_image_tokens
 from llava_convert.convert import convert
 from llava_convert.reference import ReferenceModel
 
