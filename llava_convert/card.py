@@ -20,12 +20,20 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import threading
 from pathlib import Path
 from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from . import __version__
 from .errors import LlavaConvertError
 from .hub import cached_snapshot
+from .mapping import mappings_dir
+from .readers import weight_files
 
 CARD_NAME = "README.md"
 REPORT_NAME = "check-report.json"
@@ -58,8 +66,6 @@ def sha256_file(path: Path) -> str:
 def in_background(fn, *args):
     """Run FN(*ARGS) on a daemon thread (a failed conversion exits without waiting for it); returns a function
     that waits for the result and re-raises its exception."""
-    import threading
-
     box: dict[str, Any] = {}
 
     def run():
@@ -109,8 +115,6 @@ def source_license(path: Path) -> str | None:
     card = Path(path) / CARD_NAME
     if not card.is_file():
         return None
-    from huggingface_hub import ModelCard
-
     try:
         data = ModelCard.load(card, ignore_metadata_errors=True).data
     except Exception:  # noqa: BLE001 - a malformed source README must not stop a conversion
@@ -120,8 +124,6 @@ def source_license(path: Path) -> str | None:
 
 
 def mapping_facts(names: list[str]) -> list[dict[str, str]]:
-    from .mapping import mappings_dir
-
     out = []
     for name in names:
         p = mappings_dir() / name
@@ -180,8 +182,6 @@ def convert_facts(plan, output: Path, command: str | None) -> dict[str, Any]:
 
 def quantize_facts(source: Path, output: Path, config: dict[str, Any], spec, command: str | None) -> dict[str, Any]:
     """The card's facts for `quantize`: the HF-format source, its own card's facts when it has ours."""
-    from .readers import weight_files
-
     source = Path(source)
     try:
         files = weight_files(source)
@@ -213,8 +213,6 @@ def quantize_facts(source: Path, output: Path, config: dict[str, Any], spec, com
 
 def default_command(plan, output: Path) -> str:
     """The CLI command equivalent to a conversion run through the Python API."""
-    import shlex
-
     src = plan.source
     args = ["llava-convert", "convert", src.repo_id or str(src.path), str(output)]
     if src.base is not None:
@@ -228,8 +226,6 @@ def default_command(plan, output: Path) -> str:
 
 def redact_command(argv: list[str]) -> str:
     """The command line as typed, with any `--token` value removed (a token is never written)."""
-    import shlex
-
     out: list[str] = []
     skip = False
     for a in argv:
@@ -322,8 +318,6 @@ def example_messages() -> list[dict[str, Any]]:
 def render_example(template: str, special_tokens: dict[str, str] | None = None) -> str:
     """The prompt the template gives for one image and a question, as `apply_chat_template` renders it
     (with the tokenizer's special tokens, which a template may use, e.g. `bos_token`)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     rendered, _ = render_jinja_template(
         conversations=[example_messages()], chat_template=template, add_generation_prompt=True,
         **(special_tokens or {}),
@@ -369,8 +363,6 @@ def metadata(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _yaml(meta: dict[str, Any]) -> str:
-    import yaml
-
     return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class LlavaConvertError(Exception):
     """Bad input: a file, key or option the user can fix. The CLI prints it on one line and exits 2."""
@@ -40,8 +42,6 @@ class Interrupted(BaseException):
     no `except Exception` swallows it: staging directories are removed on the way out, and the CLI exits 128 + N."""
 
     def __init__(self, signum: int):
-        import signal
-
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import LlavaConfig, LlavaNextConfig
+
 from .authors import config as authors_config
 from .authors.images import parse_pinpoints
 from .errors import LlavaConvertError
@@ -118,8 +120,6 @@ def hf_grid_pinpoints(pinpoints: list | str) -> list[list[int]]:
 
 def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> dict[str, Any]:
     """The full HF config dict (`LlavaConfig` or `LlavaNextConfig`), validated by building the class."""
-    from transformers import LlavaConfig, LlavaNextConfig
-
     text = text_config(ckpt, vocab)
     vision = vision_config(tower)
     strategy = feature_strategy(ckpt)

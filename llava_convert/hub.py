@@ -14,6 +14,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import constants, get_cached_repo_tree, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    IncompleteSnapshotError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
 from .errors import LlavaConvertError
 from .readers import WEIGHT_INDEX_NAMES, WEIGHT_SINGLE_NAMES
 
@@ -132,8 +142,6 @@ def _has_small_form_files(snapshot: Path) -> bool:
 
 def _repo_files(repo_id: str, revision: str | None, snapshot: Path) -> set[str]:
     """The repo's file list from huggingface_hub's cached tree listing, else what the snapshot holds."""
-    from huggingface_hub import get_cached_repo_tree
-
     try:
         return {f.path for f in get_cached_repo_tree(repo_id, revision=revision)}
     except Exception:  # noqa: BLE001 - no cached listing (offline, hand-made cache): look at the folder
@@ -156,16 +164,6 @@ def weight_patterns(repo_id: str, revision: str | None, snapshot: Path) -> list[
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns, role: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     at = f" at revision {revision!r}" if revision else ""
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns)))

@@ -7,13 +7,13 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
+from transformers.utils import logging as hf_logging
+
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence Python warnings and transformers' logging/progress bars (restored on exit): transformers warns
     about the authors' config keys and draws load bars, none of which a check report needs."""
-    from transformers.utils import logging as hf_logging
-
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -4,8 +4,12 @@ the way the authors preprocess (pad-to-square, anyres tiling), and the chat temp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
+
+from tokenizers import AddedToken, pre_tokenizers
+from transformers import AutoTokenizer
 
 from .authors.templates import choose_chat_template, template_for
 from .authors.tokenizer import (
@@ -25,13 +29,15 @@ from .original import TOKENIZER_FILES, OriginalCheckpoint, read_json
 from .original.tower import VisionTower
 from .readers import check_input_file
 
+# Without torchvision, transformers resolves the image processors to their PIL versions and warns once.
+with quiet():
+    from transformers import LlavaImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
+
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
 
 def load_tokenizer(path: Path, *, legacy: bool = True):
-    from transformers import AutoTokenizer
-
     if not any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
         raise LlavaConvertError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) in the checkpoint")
     for name in TOKENIZER_FILES:  # the tokenizer is saved into OUTPUT: never read one from outside its directory
@@ -84,8 +90,6 @@ def plan_tokens(ckpt: OriginalCheckpoint, rows: int) -> Vocab:
 
 def _apply_style(tok, style: PromptStyle) -> None:
     """Set the tokenizer's SentencePiece prefix rule and drop its automatic BOS (the template writes it)."""
-    from tokenizers import pre_tokenizers
-
     backend = tok.backend_tokenizer
     if style.prepend:
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=style.prepend, split=False)
@@ -97,8 +101,6 @@ def _apply_style(tok, style: PromptStyle) -> None:
 def build_tokenizer(ckpt: OriginalCheckpoint, vocab: Vocab):
     """The original tokenizer, the tokens the authors' builder adds (`<im_patch>`, `<im_start>`, `<im_end>`)
     at the ids it gives them, then `<image>` (the next id) and `<pad>` (the one after); with its `PromptStyle`."""
-    from tokenizers import AddedToken
-
     tok = load_tokenizer(ckpt.tokenizer_dir, legacy=authors_prefix_legacy(ckpt))
     style = prompt_style(ckpt, tok)
     if len(tok) + len(vocab.added) != vocab.image_token_id:
@@ -157,8 +159,6 @@ def build_processor(
     chat_template: str | None = None,
 ):
     """A `LlavaProcessor` / `LlavaNextProcessor` that reproduces the authors' preprocessing and prompts."""
-    from transformers import LlavaImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
-
     tok, style = build_tokenizer(ckpt, vocab)
     # run_llava.py: with mm_use_im_start_end the image goes in as <im_start><image><im_end> (no text follows
     # <image> directly, and the fresh string after it starts with a special token: no "▁").
@@ -222,8 +222,6 @@ def write_tokenizer_files(processor, out: Path, tokenizer_dir: Path) -> None:
       keeps the processor's own settings.
     - chat_template.json next to chat_template.jinja (4.x before 4.50 read only the JSON form).
     """
-    import shutil
-
     tok = processor.tokenizer
     sp_model = tokenizer_dir / "tokenizer.model"
     if sp_model.is_file():

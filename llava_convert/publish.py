@@ -24,6 +24,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, sha
+from tqdm import tqdm
+
+from . import __version__
 from .card import CARD_NAME, REPORT_NAME, is_own_card, refresh_card, sha256_file
 from .errors import LlavaConvertError
 
@@ -156,8 +162,6 @@ def resolve_token(token: str | None) -> str:
     """--token, else HF_TOKEN, else the saved login (huggingface_hub's own order)."""
     if token:
         return token
-    from huggingface_hub import get_token
-
     found = get_token()
     if not found:
         raise LlavaConvertError(
@@ -173,8 +177,6 @@ def _status(e: Exception) -> int | None:
 
 def _hub_error(e: Exception, repo_id: str, what: str) -> LlavaConvertError:
     """One line for a failed Hub call: 401/403/404 are the user's to fix (exit 2), the rest a transfer error."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
     status = _status(e)
     if isinstance(e, RevisionNotFoundError):
         return LlavaConvertError(f"Cannot push to {repo_id}: {what}: no such revision on the Hub")
@@ -211,14 +213,8 @@ def _hub_error(e: Exception, repo_id: str, what: str) -> LlavaConvertError:
 
 def preflight(repo_id: str, token: str | None):
     """Token present and accepted, and not read-only; returns `(HfApi, token)`. Cheap: one whoami call."""
-    from huggingface_hub import HfApi
-
-    from . import __version__
-
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id):
         raise LlavaConvertError(f"Cannot push to {repo_id!r}: expected a repo id of the form namespace/name")
-    from huggingface_hub import constants
-
     if constants.is_offline_mode():
         raise LlavaConvertError(f"Cannot push to {repo_id}: HF_HUB_OFFLINE is set; publishing needs the Hub")
     token = resolve_token(token)
@@ -271,11 +267,6 @@ def push(
     Example:
         >>> push("llava-1.5-7b-hf", "me/llava-1.5-7b-hf", private=True)  # doctest: +SKIP
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-    from . import __version__
-
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     directory = Path(directory)
     check_conversion(directory)
@@ -317,8 +308,6 @@ def push(
     additions = []
     local_names = set()
     total = sum(p.stat().st_size for p in files)
-    from huggingface_hub.utils import sha
-    from tqdm import tqdm
 
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="comparing", file=sys.stderr,
               disable=not progress, leave=False) as bar:

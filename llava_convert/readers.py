@@ -9,6 +9,7 @@ classes a state dict needs, nothing else is ever constructed) over `zipfile`'s d
 
 from __future__ import annotations
 
+import collections
 import json
 import mmap
 import os
@@ -290,8 +291,6 @@ class _StateDictUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     def find_class(self, module: str, name: str):
         if module == "collections" and name == "OrderedDict":
-            import collections
-
             return collections.OrderedDict
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return self._rebuild_tensor

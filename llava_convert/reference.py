@@ -31,6 +31,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionModel,
+    GenerationConfig,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+)
 
 from .authors import config as authors_config
 from .authors.images import (
@@ -48,9 +56,10 @@ from .authors.tokenizer import (
     tokenizer_image_token,
     tokenizer_load_kwargs,
 )
-from .errors import LlavaConvertError
+from .errors import LlavaConvertError, MappingError
 from .lazy import LayerStreamer, load_as, load_into, load_outside, materialize_buffers
 from .logs import quiet
+from .mapping import load_table, map_tensors
 from .original import SUPPORTED_MLP, open_original, read_json
 from .original.merge import read_tensors
 from .original.tower import find_vision_tower
@@ -93,9 +102,6 @@ def clip_vision_state(refs: dict[str, TensorRef], *, where: str) -> dict[str, Te
     transformers 4.x or 5.x, with or without position_ids buffers) keyed as transformers 5's
     `CLIPVisionModel` names them (no `vision_model.`). Read through the table `convert` maps towers with,
     so the two commands accept the same towers."""
-    from .errors import MappingError
-    from .mapping import load_table, map_tensors
-
     problems: list[str] = []
     result = map_tensors(refs, load_table("clip.toml"), {}, problems)
     if problems:
@@ -207,8 +213,6 @@ class ReferenceModel:
         base: Path | str | None = None,
         delta: bool | None = None,
     ):
-        from transformers import AutoTokenizer, CLIPImageProcessorPil
-
         # Any form (LoRA / projector-only / delta: the merged model the authors' loader builds, tensor by
         # tensor), also with projectors the converter refuses (`mlp{N}x_gelu` N != 2, `identity`): the
         # reference runs them as the authors do. Without --base or --delta, a full checkpoint whatever its name.
@@ -297,8 +301,6 @@ class ReferenceModel:
             return None
 
     def _build_vision(self, refs: dict[str, TensorRef], *, where: str):
-        from transformers import CLIPVisionModel
-
         cfg = authors_config.vision_config(self.tower)
         cfg._attn_implementation = VISION_ATTENTION
         with torch.device("meta"):
@@ -319,8 +321,6 @@ class ReferenceModel:
         return proj.eval()
 
     def _build_language_model(self):
-        from transformers import LlamaForCausalLM, MistralForCausalLM
-
         # The original vocabulary, unpadded; the config's pad id only where it is one of its rows.
         pad = self.config.get("pad_token_id")
         cfg = authors_config.text_config(
@@ -499,8 +499,6 @@ class ReferenceModel:
 
     def generation_config(self, max_new_tokens: int):
         """Greedy decoding with the checkpoint's own generation settings (EOS), as `model.generate` uses them."""
-        from transformers import GenerationConfig
-
         gen_path = self.ckpt.path / "generation_config.json"
         settings = read_json(gen_path) if gen_path.is_file() else {}
         settings = {

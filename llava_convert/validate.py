@@ -16,6 +16,13 @@ from typing import Any
 
 from .errors import LlavaConvertError
 
+try:  # Python >= 3.11
+    import re._constants as sre_constants
+    import re._parser as sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants
+    import sre_parse
+
 # Upper bounds far above any released model (Llama 3.1 405B: 126 layers, 128 heads, hidden 16384, 128k vocab).
 MAX_LAYERS = 1024
 MAX_HEADS = 4096
@@ -202,19 +209,9 @@ MAX_PATTERN = 512
 _MAX_UNBOUNDED = 3  # `.*\.(q|v)_proj.*` has 2; matching cost grows as len(name) ** this
 
 
-def _sre():
-    try:  # Python >= 3.11
-        import re._constants as constants
-        import re._parser as parser
-    except ImportError:  # pragma: no cover - Python 3.10
-        import sre_constants as constants
-        import sre_parse as parser
-    return parser, constants
-
-
 def _walk(parsed, depth: int, counter: list[int]) -> None:
     """Refuse a repeat inside a repeat (catastrophic backtracking) and count unbounded repeats."""
-    c = _sre()[1]
+    c = sre_constants
 
     for op, av in parsed:
         if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
@@ -249,7 +246,7 @@ def check_pattern(pattern: Any, path: Path, key: str) -> re.Pattern:
     if len(pattern) > MAX_PATTERN:
         raise LlavaConvertError(f"{path}: {key} is {len(pattern)} characters; at most {MAX_PATTERN}")
     try:
-        parsed = _sre()[0].parse(pattern)
+        parsed = sre_parse.parse(pattern)
         counter = [0]
         _walk(parsed, 0, counter)
         if counter[0] > _MAX_UNBOUNDED:

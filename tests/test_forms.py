@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llava_convert import card
+from llava_convert import card, hub
 from llava_convert.cli import main
 from llava_convert.convert import convert, plan_conversion
 from llava_convert.errors import LlavaConvertError
@@ -588,20 +588,18 @@ def test_hub_revision_and_vision_tower_id(tmp_path, hub_cache):
 
 
 def test_hub_fetches_only_needed_files(tmp_path, hub_cache, monkeypatch):
-    import huggingface_hub
-
     src_root = tmp_path / "src"
     ckpt = write_original(src_root, "llava-v1.5-tiny", fmt="bin", shards=2)
     torch.save({"lr": 1.0}, ckpt / "training_args.bin")
     _cache_repo(hub_cache, "me/llava-v1.5-tiny", ckpt)
     calls = []
-    real = huggingface_hub.snapshot_download
+    real = hub.snapshot_download
 
     def spy(repo_id, **kw):
         calls.append((repo_id, kw.get("revision"), tuple(kw.get("allow_patterns") or ())))
         return real(repo_id, **kw)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    monkeypatch.setattr(hub, "snapshot_download", spy)
     plan_conversion("me/llava-v1.5-tiny", vision_tower=src_root / "clip")
     assert calls[0][0] == "me/llava-v1.5-tiny" and "*.json" in calls[0][2] and "*.bin" not in calls[0][2]
     assert calls[1] == ("me/llava-v1.5-tiny", None, ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"))

@@ -13,11 +13,11 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, PretrainedConfig
+
 from ..errors import LlavaConvertError
 
 if TYPE_CHECKING:
-    from transformers import CLIPVisionConfig, PretrainedConfig
-
     from ..original.tower import VisionTower
 
 # Fields of the authors' config that describe the checkpoint, the multimodal wiring or training, not the
@@ -71,9 +71,6 @@ def text_config(
     Raises:
         LlavaConvertError: the fields do not build the class.
     """
-    # lazy: transformers takes seconds to import; planning and validating a conversion do not need it
-    from transformers import LlamaConfig, MistralConfig
-
     cls = {"mistral": MistralConfig}.get(backbone, LlamaConfig)
     allowed = init_fields(cls) | {"rope_theta", "rope_scaling"}
     fields = {
@@ -96,9 +93,6 @@ def vision_config(tower: VisionTower) -> CLIPVisionConfig:
     Raises:
         LlavaConvertError: the fields do not build the class.
     """
-    # lazy: transformers takes seconds to import; planning and validating a conversion do not need it
-    from transformers import CLIPVisionConfig
-
     fields = {k: v for k, v in tower.config.items() if k in init_fields(CLIPVisionConfig)}
     return _build(CLIPVisionConfig, fields, tower.path / "config.json")
 

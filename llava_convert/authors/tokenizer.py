@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sentencepiece import sentencepiece_model_pb2
+
 from ..original import read_json
 
 if TYPE_CHECKING:
@@ -28,9 +30,6 @@ IM_END_TOKEN = "<im_end>"
 
 def read_spm(path: Path):
     """The SentencePiece `ModelProto` in PATH (a tokenizer.model); protobuf's DecodeError when it is not one."""
-    # lazy: protobuf bindings, needed only for SentencePiece models
-    from sentencepiece import sentencepiece_model_pb2
-
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(path.read_bytes())
     return proto
