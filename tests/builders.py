@@ -532,14 +532,15 @@ def onevision_state(gen: torch.Generator, *, hidden: int = HIDDEN, inter: int = 
 
 
 def write_onevision(root: Path, name: str = "llava-onevision-qwen2-tiny-ov", *, cache: Path, shards: int = 1,
-                    state: dict[str, torch.Tensor] | None = None, seed: int = 0, **config_overrides) -> Path:
+                    state: dict[str, torch.Tensor] | None = None, seed: int = 0, v_hidden: int = V_HIDDEN,
+                    **config_overrides) -> Path:
     """A tiny OneVision checkpoint (its trained tower inside); the SigLIP tower's config served from CACHE under
     its Hub id, as `mm_vision_tower` names it."""
     if not (cache / ("models--" + SIGLIP_ID.replace("/", "--"))).exists():
-        cache_repo(cache, SIGLIP_ID, write_siglip(root / "siglip-hub", weights=True))
+        cache_repo(cache, SIGLIP_ID, write_siglip(root / "siglip-hub", hidden=v_hidden, weights=True))
     ckpt = root / name
     ckpt.mkdir(parents=True)
-    (ckpt / "config.json").write_text(json.dumps(onevision_config(**config_overrides), indent=2))
+    (ckpt / "config.json").write_text(json.dumps(onevision_config(mm_hidden_size=v_hidden, **config_overrides), indent=2))
     assert write_qwen_tokenizer(ckpt) + 2 <= VOCAB
     write_state(ckpt, state if state is not None else onevision_state(torch.Generator().manual_seed(seed)),
                 fmt="safetensors", shards=shards)
