@@ -765,3 +765,65 @@ def test_onevision_checkpoint_n_and_hub_id_convert_as_the_folder(tmp_path, hub_c
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), label
         for name in ("config.json", "chat_template.jinja", "preprocessor_config.json", "tokenizer.json"):
             assert (outs[label] / name).read_text() == (outs["folder"] / name).read_text(), (label, name)
+
+
+def test_onevision_pretrain_projector_with_base_converts_with_the_hub_siglip_tower(tmp_path, hub_cache):
+    """The LLaVA-NeXT pretrain stage (`mm_tunable_parts: mm_mlp_adapter`, square images, flat merge: plain LLaVA
+    on Qwen2 + SigLIP) saves mm_projector.bin only: with --base, the tower comes from the Hub id (weights from
+    the cache), minus its last layer and head as the authors run it; the result loads and runs in transformers."""
+    from builders import (
+        SIGLIP_ID,
+        onevision_config,
+        qwen_config,
+        qwen_state,
+        write_qwen_tokenizer,
+        write_siglip,
+    )
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    hub_tower = cache_repo(hub_cache, SIGLIP_ID, write_siglip(tmp_path / "siglip", weights=True))
+    base = tmp_path / "Qwen2-tiny-Instruct"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(qwen_config()))
+    write_qwen_tokenizer(base)
+    save_file(qwen_state(torch.Generator().manual_seed(5)), str(base / "model.safetensors"))
+    proj = tmp_path / "llavanext-siglip-qwen2-tiny-mlp2x_gelu-pretrain_blip558k_plain"
+    proj.mkdir()
+    (proj / "config.json").write_text(json.dumps(onevision_config(
+        image_aspect_ratio="square", mm_patch_merge_type="flat", mm_tunable_parts="mm_mlp_adapter",
+        image_grid_pinpoints=None,
+    )))
+    gen = torch.Generator().manual_seed(6)
+    projector = {"model.mm_projector.0.weight": torch.randn(HIDDEN, 32, generator=gen),
+                 "model.mm_projector.0.bias": torch.randn(HIDDEN, generator=gen),
+                 "model.mm_projector.2.weight": torch.randn(HIDDEN, HIDDEN, generator=gen),
+                 "model.mm_projector.2.bias": torch.randn(HIDDEN, generator=gen)}
+    torch.save({k: v.to(torch.bfloat16) for k, v in projector.items()}, proj / "mm_projector.bin")
+
+    out = tmp_path / "hf"
+    r = run("convert", proj, out, "--base", base, "--dtype", "float32", "--quiet")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
+    assert cfg["vision_config"]["model_type"] == "siglip_vision_model"
+    assert cfg["vision_config"]["num_hidden_layers"] == V_LAYERS - 1 and cfg["vision_feature_layer"] == -1
+    got = _onevision_tensors(out)
+    hub = load_file(str(hub_tower / "model.safetensors"))
+    assert not any(k.startswith(f"vision_tower.vision_model.encoder.layers.{V_LAYERS - 1}.") for k in got)
+    assert not any(".head." in k for k in got)
+    for k in ("encoder.layers.1.mlp.fc1.weight", "post_layernorm.bias", "embeddings.position_embedding.weight"):
+        assert torch.equal(got["vision_tower.vision_model." + k], hub["vision_model." + k].float()), k
+    assert torch.equal(got["multi_modal_projector.linear_2.weight"],
+                       projector["model.mm_projector.2.weight"].to(torch.bfloat16).float())
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(out))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    inputs = processor(images=Image.new("RGB", (500, 300), (120, 30, 200)), text=prompt, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist().count(cfg["image_token_index"]) == 729  # 27 x 27 patches, no CLS
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
