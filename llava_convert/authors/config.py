@@ -13,7 +13,8 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, PretrainedConfig
+import transformers
+from transformers import CLIPVisionConfig, PretrainedConfig, SiglipVisionConfig
 
 from ..errors import LlavaConvertError
 
@@ -46,6 +47,10 @@ _NOT_TEXT = {
     "unfreeze_mm_vision_tower",
 }
 
+# The language model class of each backbone (`OriginalCheckpoint.backbone`), by its transformers name; the
+# LLaVA-NeXT repository's Qwen2 / Qwen1.5 backbones are both Qwen2.
+TEXT_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+
 # The MistralConfig default of the transformers the authors' code ran with (4.36), used when the config
 # does not say; not whatever the installed version defaults to.
 AUTHORS_SLIDING_WINDOW = 4096
@@ -63,7 +68,7 @@ def text_config(
 
     Args:
         config: the original config.json, as a dict.
-        backbone: the checkpoint's backbone ("mistral"; anything else builds a LlamaConfig).
+        backbone: the checkpoint's backbone (TEXT_CONFIG_CLASSES; anything else builds a LlamaConfig).
         vocab_size: rows of the embedding matrix the model is built with.
         pad_token_id: the pad id the model is built with (None: none).
         where: the file named in an error (the original config.json).
@@ -71,7 +76,7 @@ def text_config(
     Raises:
         LlavaConvertError: the fields do not build the class.
     """
-    cls = {"mistral": MistralConfig}.get(backbone, LlamaConfig)
+    cls = getattr(transformers, TEXT_CONFIG_CLASSES.get(backbone, "LlamaConfig"))
     allowed = init_fields(cls) | {"rope_theta", "rope_scaling"}
     fields = {
         k: v
@@ -87,14 +92,23 @@ def text_config(
     return _build(cls, fields, where)
 
 
-def vision_config(tower: VisionTower) -> CLIPVisionConfig:
-    """The tower's `CLIPVisionConfig` from its own config.json (a CLIPModel's or a CLIPVisionModel's).
+def authors_siglip_fields(vision: dict[str, Any]) -> dict[str, Any]:
+    """A SigLIP tower's config as the LLaVA-NeXT repository runs it (`SigLipVisionTower`): its last encoder layer
+    deleted (`layers[:-1]`) and its attention-pooling head replaced by Identity."""
+    return {**vision, "model_type": "siglip_vision_model", "num_hidden_layers": int(vision["num_hidden_layers"]) - 1,
+            "vision_use_head": False}
+
+
+def vision_config(tower: VisionTower) -> CLIPVisionConfig | SiglipVisionConfig:
+    """The tower's `CLIPVisionConfig` from its own config.json (a CLIPModel's or a CLIPVisionModel's), or its
+    `SiglipVisionConfig` for a SigLIP tower (`authors_siglip_fields`).
 
     Raises:
         LlavaConvertError: the fields do not build the class.
     """
-    fields = {k: v for k, v in tower.config.items() if k in init_fields(CLIPVisionConfig)}
-    return _build(CLIPVisionConfig, fields, tower.path / "config.json")
+    cls = SiglipVisionConfig if tower.config.get("model_type") == "siglip_vision_model" else CLIPVisionConfig
+    fields = {k: v for k, v in tower.config.items() if k in init_fields(cls)}
+    return _build(cls, fields, tower.path / "config.json")
 
 
 def _build(cls, fields: dict[str, Any], where: Path):

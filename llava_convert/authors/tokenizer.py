@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sentencepiece import sentencepiece_model_pb2
 
-from ..original import read_json
+from ..readers import read_json
 
 if TYPE_CHECKING:
     from ..original import OriginalCheckpoint
