@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import LlavaConvertError
 
 if TYPE_CHECKING:
-    from transformers import CLIPVisionConfig, PretrainedConfig
+    from transformers import CLIPVisionConfig, PretrainedConfig, SiglipVisionConfig
 
     from ..original.tower import VisionTower
 
@@ -59,11 +59,12 @@ def init_fields(cls) -> set[str]:
 def text_config(
     config: dict[str, Any], backbone: str, *, vocab_size: int, pad_token_id: int | None, where: Path
 ) -> PretrainedConfig:
-    """The language model's `LlamaConfig` / `MistralConfig` (by BACKBONE) from the authors' CONFIG.
+    """The language model's `LlamaConfig` / `MistralConfig` / `Qwen2Config` (by BACKBONE) from the authors' CONFIG
+    (LLaVA-NeXT's `LlavaQwenConfig` is a Qwen2Config).
 
     Args:
         config: the original config.json, as a dict.
-        backbone: the checkpoint's backbone ("mistral"; anything else builds a LlamaConfig).
+        backbone: the checkpoint's backbone ("mistral", "qwen2"; anything else builds a LlamaConfig).
         vocab_size: rows of the embedding matrix the model is built with.
         pad_token_id: the pad id the model is built with (None: none).
         where: the file named in an error (the original config.json).
@@ -72,9 +73,9 @@ def text_config(
         LlavaConvertError: the fields do not build the class.
     """
     # lazy: transformers takes seconds to import; planning and validating a conversion do not need it
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    cls = {"mistral": MistralConfig}.get(backbone, LlamaConfig)
+    cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}.get(backbone, LlamaConfig)
     allowed = init_fields(cls) | {"rope_theta", "rope_scaling"}
     fields = {
         k: v
@@ -101,6 +102,22 @@ def vision_config(tower: VisionTower) -> CLIPVisionConfig:
 
     fields = {k: v for k, v in tower.config.items() if k in init_fields(CLIPVisionConfig)}
     return _build(CLIPVisionConfig, fields, tower.path / "config.json")
+
+
+def siglip_vision_config(tower_config: dict[str, Any], num_layers: int, where: Path) -> SiglipVisionConfig:
+    """The authors' SigLIP tower (LLaVA-NeXT's `siglip_encoder.py`): the Hub tower's vision config with
+    NUM_LAYERS encoder layers (the authors delete the last one of the Hub tower's) and no head.
+
+    Raises:
+        LlavaConvertError: the fields do not build the class (WHERE: the tower's config.json).
+    """
+    # lazy: transformers takes seconds to import; planning and validating a conversion do not need it
+    from transformers import SiglipVisionConfig
+
+    vision = tower_config.get("vision_config", tower_config)
+    fields = {k: v for k, v in vision.items() if k in init_fields(SiglipVisionConfig)}
+    fields.update(num_hidden_layers=num_layers, vision_use_head=False)
+    return _build(SiglipVisionConfig, fields, where)
 
 
 def _build(cls, fields: dict[str, Any], where: Path):
