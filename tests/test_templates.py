@@ -86,3 +86,34 @@ def test_chat_template_renders_the_authors_get_prompt_over_several_turns(mode, s
     user, assistant = conv.roles
     turns = [(user, "<image>\nWhat is it?"), (assistant, "A cat."), (user, "And its colour?"), (assistant, None)]
     assert got == conv.get_prompt(turns)
+
+
+def test_llama_3_template_writes_the_authors_double_bos():
+    """llava_llama_3: the authors' prompt text starts with <|begin_of_text|> and their tokenizer adds BOS in
+    front; the converted template writes `bos_token` before the literal one."""
+    tpl = template_for("llava_llama_3", bos=True)
+    got = Environment().from_string(tpl).render(
+        messages=[{"role": "user", "content": "Hi?"}], add_generation_prompt=True, bos_token="<|begin_of_text|>"
+    )
+    assert got.startswith("<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
+    assert got.endswith("<|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_qwen_2_is_qwen_1_5():
+    """The authors register one Conversation under both names."""
+    assert CONV_TEMPLATES["qwen_2"] is CONV_TEMPLATES["qwen_1_5"]
+    assert CONV_TEMPLATES["qwen_1_5"].prompt("<image>\nHi?") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nHi?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_expand_pinpoints_reads_a_range_as_the_authors_do():
+    from llava_convert.authors.images import expand_pinpoints
+
+    assert expand_pinpoints("(1x1),...,(2x3)", 384) == [
+        [384, 384], [384, 768], [384, 1152], [768, 384], [768, 768], [768, 1152]
+    ]
+    assert expand_pinpoints([[336, 672], [672, 336]], 336) == [[336, 672], [672, 336]]
+    assert expand_pinpoints("[[336, 672]]", 336) == [[336, 672]]

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import LlavaConvertError
+
 SIGLIP_SIZE = 384  # SigLipImageProcessor() and SigLipVisionConfig() defaults, hard-coded by the authors
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -67,6 +69,22 @@ def divide_to_patches(image: Image.Image, patch_size: int) -> list[Image.Image]:
 def parse_pinpoints(grid_pinpoints) -> list:
     """`image_grid_pinpoints` as a list of (width, height) pairs (the authors' configs may hold its repr)."""
     return grid_pinpoints if isinstance(grid_pinpoints, list) else ast.literal_eval(grid_pinpoints)
+
+
+_PINPOINT_PAIR = re.compile(r"\((\d+)x(\d+)\)")
+
+
+def expand_pinpoints(grid_pinpoints, tile: int, *, where: str = "config.json") -> list[list[int]]:
+    """`image_grid_pinpoints` as the LLaVA-NeXT repository reads it: a range `"(AxB),...,(CxD)"` (OneVision)
+    is every `[i * tile, j * tile]` for i in A..C (outer), j in B..D (inner), from its first and last pair
+    only; a list (or its repr) stays as it is. WHERE names the file in the error for a range without pairs."""
+    if isinstance(grid_pinpoints, str) and "x" in grid_pinpoints:
+        found = _PINPOINT_PAIR.findall(grid_pinpoints)
+        if not found:
+            raise LlavaConvertError(f"{where}: image_grid_pinpoints {grid_pinpoints!r} is neither a list nor a range")
+        (a, b), (c, d) = tuple(map(int, found[0])), tuple(map(int, found[-1]))
+        return [[i * tile, j * tile] for i in range(a, c + 1) for j in range(b, d + 1)]
+    return [list(p) for p in parse_pinpoints(grid_pinpoints)]
 
 
 def get_anyres_image_grid_shape(

@@ -35,7 +35,7 @@ class Conversation:
 
     system: str
     roles: tuple[str, str]
-    style: str  # SINGLE | TWO | MPT | LLAMA_2
+    style: str  # SINGLE | TWO | MPT | LLAMA_2 | CHATML | LLAMA_3
     sep: str
     sep2: str | None = None
 
@@ -66,6 +66,16 @@ class Conversation:
                 else:
                     ret += " " + message + " " + (self.sep2 or "")
             ret = ret.lstrip(self.sep)  # sic: a character-set strip, as the authors do
+        elif self.style == "CHATML":  # LLaVA-NeXT's conversation.py
+            ret = "" if self.system == "" else self.system + self.sep + "\n"
+            for role, message in messages:
+                ret += role + "\n" + message + self.sep + "\n" if message else role + "\n"
+        elif self.style == "LLAMA_3":
+            # LLaVA-NeXT renders these turns with Meta-Llama-3-8B-Instruct's chat template: the system turn
+            # always, every turn with a message (`| trim`-med), then the generation prompt.
+            turns = [("system", self.system), *((r, m) for r, m in messages if m)]
+            ret = LLAMA3_BOS + "".join(_llama3_turn(r, m.strip(), self.sep) for r, m in turns)
+            ret += _llama3_turn(self.roles[1], None, self.sep)
         else:
             raise ValueError(f"unknown separator style {self.style!r}")
         return ret
@@ -84,6 +94,10 @@ class Conversation:
             return _sep_each(self.system, user, assistant, self.sep, assistant)
         if self.style == "LLAMA_2":
             return _llama_2(self.system, self.sep, self.sep2 or "")
+        if self.style == "CHATML":
+            return _chatml(self.system, user + "\n", assistant + "\n", self.sep)
+        if self.style == "LLAMA_3":
+            return _llama_3(self.system, self.sep)
         raise ValueError(f"unknown separator style {self.style!r}")
 
 
@@ -92,6 +106,22 @@ _V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 _CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+# Llama-3's BOS as Meta-Llama-3-8B-Instruct's chat template writes it (its `bos_token`); the authors' tokenizer
+# adds another in front, so their llava_llama_3 ids start with two (`template_for(..., bos=True)` writes the first).
+LLAMA3_BOS = "<|begin_of_text|>"
+
+
+def _llama3_turn(role: str, message: str | None, eot: str) -> str:
+    """One turn of Meta-Llama-3-8B-Instruct's chat template (MESSAGE None: the generation prompt)."""
+    head = "<|start_header_id|>" + role + "<|end_header_id|>\n\n"
+    return head if message is None else head + message + eot
+
+
+# LLaVA-NeXT's `conv_qwen` (registered as both qwen_1_5 and qwen_2).
+_QWEN = Conversation(
+    "<|im_start|>system\nYou are a helpful assistant.", ("<|im_start|>user", "<|im_start|>assistant"), "CHATML",
+    "<|im_end|>",
+)
 
 CONV_TEMPLATES: dict[str, Conversation] = {
     "llava_v0": Conversation(_V1_SYSTEM, ("Human", "Assistant"), "SINGLE", "###"),
@@ -121,6 +151,16 @@ CONV_TEMPLATES: dict[str, Conversation] = {
         _CHATML_ROLES,
         "MPT",
         "<|im_end|>",
+    ),
+    # The LLaVA-NeXT repository's modes (OneVision, Interleave, llava-next-72b/110b; llama3-llava-next-8b).
+    "qwen_1_5": _QWEN,
+    "qwen_2": _QWEN,
+    "llava_llama_3": Conversation(
+        "You are a helpful language and vision assistant. You are able to understand the visual content that "
+        "the user provides, and assist the user with a variety of tasks using natural language.",
+        ("user", "assistant"),
+        "LLAMA_3",
+        "<|eot_id|>",
     ),
 }
 
@@ -212,6 +252,37 @@ def _sep_each(system: str, user: str, assistant: str, sep: str, generation: str)
         "{{- role + render(message['content']) + " + repr(sep) + " -}}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- " + repr(generation) + " -}}{%- endif -%}"
+    )
+
+
+def _chatml(system: str, user: str, assistant: str, sep: str) -> str:
+    """SeparatorStyle.CHATML (qwen_1_5, qwen_2): `SYSTEM<sep>\\n` (nothing for an empty system), then
+    `<role>\\nmsg<sep>\\n` per turn, `<assistant role>\\n` to generate."""
+    return (
+        _RENDER
+        + _system(system)
+        + "{%- if system -%}{{- system + " + repr(sep + "\n") + " -}}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- set role = " + repr(user) + " if message['role'] == 'user' else " + repr(assistant) + " -%}"
+        "{{- role + render(message['content']) + " + repr(sep + "\n") + " -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- " + repr(assistant) + " -}}{%- endif -%}"
+    )
+
+
+def _llama_3(system: str, eot: str) -> str:
+    """SeparatorStyle.LLAMA_3 (llava_llama_3): Meta-Llama-3-8B-Instruct's chat template with the system turn
+    always written, as the authors' `get_prompt` calls it."""
+    return (
+        _RENDER
+        + _system(system)
+        + "{{- " + repr(LLAMA3_BOS) + " + " + repr(_llama3_turn("system", None, eot)) + " + system | trim + "
+        + repr(eot) + " -}}"
+        "{%- for message in loop_messages -%}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + render(message['content']) | trim"
+        " + " + repr(eot) + " -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
     )
 
 
