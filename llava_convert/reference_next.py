@@ -124,20 +124,12 @@ class NextReferenceModel(ReferenceModel):
 
     clip_attention = LEGACY_CLIP_ATTENTION
 
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        vision_tower: Path | str | None = None,
-        dtype: str = "float32",
-        low_memory: bool = False,
-    ):
-        super().__init__(path, vision_tower=vision_tower, dtype=dtype, low_memory=low_memory)
-
     # -- construction ----------------------------------------------------------------------------------
 
     def _open(self, path, *, vision_tower, base, delta) -> tuple[OriginalCheckpoint, VisionTower]:
         path = Path(path)
+        if base is not None or delta:
+            raise LlavaConvertError(f"{path}: --base / --delta: check runs full LLaVA-NeXT checkpoints only")
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise LlavaConvertError(f"{cfg_path}: not found")
@@ -326,20 +318,11 @@ class NextReferenceModel(ReferenceModel):
         return alt
 
 
-def open_reference(
-    path: Path | str,
-    *,
-    vision_tower: Path | str | None = None,
-    dtype: str = "float32",
-    low_memory: bool = False,
-    base: Path | str | None = None,
-    delta: bool | None = None,
-) -> ReferenceModel:
-    """The original side of `check`: `NextReferenceModel` for a checkpoint of the LLaVA-NeXT repository (a full
-    checkpoint directory), else the LLaVA-1.x `ReferenceModel`."""
+def open_reference(path: Path | str, **options: Any) -> ReferenceModel:
+    """The original side of `check`: `NextReferenceModel` for a full checkpoint of the LLaVA-NeXT repository,
+    else the LLaVA-1.x `ReferenceModel`; OPTIONS are `ReferenceModel`'s."""
     cfg_path = Path(path) / "config.json"
-    if base is None and not delta and cfg_path.is_file() and is_next_checkpoint(read_json(cfg_path)):
-        return NextReferenceModel(path, vision_tower=vision_tower, dtype=dtype, low_memory=low_memory)
-    return ReferenceModel(
-        path, vision_tower=vision_tower, dtype=dtype, low_memory=low_memory, base=base, delta=delta
-    )
+    full = options.get("base") is None and not options.get("delta")
+    if full and cfg_path.is_file() and is_next_checkpoint(read_json(cfg_path)):
+        return NextReferenceModel(path, **options)
+    return ReferenceModel(path, **options)
