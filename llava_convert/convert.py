@@ -18,14 +18,20 @@ from .authors.templates import choose_chat_template
 from .card import convert_facts, in_background, write_card
 from .errors import LlavaConvertError
 from .hfconfig import llava_config
-from .layouts import EMBED_KEY
+from .layouts import EMBED_KEY, LM_HEAD_KEY
 from .logs import quiet
 from .mapping import MapResult, check_targets, load_table, map_tensors, raise_if
 from .original import open_original, read_json
 from .original.merge import read_tensors
 from .original.tower import find_vision_tower
-from .plan import DTYPES, Plan, TensorSource, apply_quantization, compute_entry, source_order
-from .processor import build_processor, plan_tokens, write_tokenizer_files
+from .plan import DTYPES, Plan, PlanEntry, TensorSource, apply_quantization, compute_entry, source_order
+from .processor import (
+    build_next_processor,
+    build_processor,
+    plan_tokens,
+    write_next_processor,
+    write_tokenizer_files,
+)
 from .quantize import QuantSpec
 from .readers import read_checkpoint
 from .target import build_target
@@ -82,8 +88,14 @@ def plan_conversion(
             f"{tuple(tensors[EMBED_KEY].shape)} in {tensors[EMBED_KEY].path.name}"
         )
     # Every header, before the tokenizer is loaded and any config class is built: the cheap checks first.
+    tower_dropped: list[tuple[str, str]] = []
     if not ckpt.tower_in_checkpoint:
         tower_tensors = read_checkpoint(tower.path, origin="vision_tower", files=tower.weight_files)
+        if ckpt.siglip:  # the authors delete the Hub SigLIP tower's last encoder layer (mappings/siglip.toml)
+            last = f"vision_model.encoder.layers.{tower.config['num_hidden_layers']}."
+            tower_dropped = [(k, "the SigLIP tower's last layer (deleted by the authors)") for k in tower_tensors
+                             if k.startswith(last)]
+            tower_tensors = {k: v for k, v in tower_tensors.items() if not k.startswith(last)}
         check_tower_against(ckpt.config, cfg_path, tower.config, tower.path, tower_tensors)
     else:
         check_tower_against(ckpt.config, cfg_path, tower.config, tower.path, tensors)
@@ -94,9 +106,17 @@ def plan_conversion(
 
     facts = ckpt.facts
     problems: list[str] = []
-    results: list[MapResult] = [map_tensors(tensors, load_table("llava.toml"), facts, problems)]
+    table = load_table("llava_next_families.toml" if ckpt.family else "llava.toml")
+    results: list[MapResult] = [map_tensors(tensors, table, facts, problems)]
+    if ckpt.family and LM_HEAD_KEY not in tensors and not config["text_config"]["tie_word_embeddings"]:
+        # An untied target whose checkpoint saved no lm_head: the authors' model ran with the embedding as it.
+        results[0].entries.append(
+            PlanEntry("language_model.lm_head.weight", (tensors[EMBED_KEY],), "pad_vocab",
+                      "mappings/llava_next_families.toml (lm_head from embed_tokens)")
+        )
     if not ckpt.tower_in_checkpoint:
-        results.append(map_tensors(tower_tensors, load_table("clip.toml"), facts, problems))
+        tower_table = "siglip.toml" if ckpt.siglip else "clip.toml"
+        results.append(map_tensors(tower_tensors, load_table(tower_table), facts, problems))
     raise_if(problems)
     for r in results:  # every target parameter is floating point: an integer tensor cannot be one
         for e in r.entries:
@@ -144,7 +164,7 @@ def plan_conversion(
         dtype=out_dtype,
         chat_template=template.name,
         chat_template_reason=template.reason,
-        dropped=[d for r in results for d in r.dropped],
+        dropped=[d for r in results for d in r.dropped] + tower_dropped,
         warnings=form_warnings + [w for r in results for w in r.warnings] + ([template.warning] if template.warning else []),
     )
 
@@ -175,6 +195,12 @@ def _generation_config(plan: Plan) -> dict[str, Any]:
     src = plan.source.tokenizer_dir / "generation_config.json"  # the base LLM's for LoRA / projector-only
     orig = read_json(src) if src.is_file() else {}
     text = plan.config["text_config"]
+    if plan.source.family:
+        # The LLaVA-NeXT repository's releases: their generation_config.json as it is (its sampling settings
+        # are how the model cards run them), else BOS / EOS from the config; a pad id when it has none.
+        gen = orig or {k: v for k in ("bos_token_id", "eos_token_id") if (v := text.get(k)) is not None}
+        gen.setdefault("pad_token_id", plan.vocab.pad_token_id)
+        return gen
     gen = {
         "bos_token_id": orig.get("bos_token_id", text.get("bos_token_id")),
         "eos_token_id": orig.get("eos_token_id", text.get("eos_token_id")),
@@ -187,6 +213,11 @@ def write_metadata(plan: Plan, out: Path) -> None:
     """config.json, generation_config.json, tokenizer and processor files."""
     (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(plan), indent=2) + "\n")
+    if plan.source.family:
+        with quiet():
+            parts = build_next_processor(plan.source, plan.tower, plan.vocab, plan.config, plan.chat_template)
+            write_next_processor(out, *parts)
+        return
     with quiet():
         processor = build_processor(plan.source, plan.tower, plan.vocab, plan.config, chat_template=plan.chat_template)
         processor.save_pretrained(str(out))

@@ -1,4 +1,5 @@
-"""Fold an original LLaVA config (+ its CLIP tower's) into Hugging Face `LlavaConfig` / `LlavaNextConfig`."""
+"""Fold an original LLaVA config (+ its tower's) into Hugging Face `LlavaConfig` / `LlavaNextConfig`, or for the
+LLaVA-NeXT repository's families `LlavaOnevisionConfig` (OneVision) / `LlavaNextConfig` (the others)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .authors import config as authors_config
-from .authors.images import parse_pinpoints
+from .authors.images import expand_pinpoints, parse_pinpoints
 from .errors import LlavaConvertError
 from .original import OriginalCheckpoint
 from .original.tower import VisionTower
@@ -83,18 +84,20 @@ def image_seq_length(vision: dict[str, Any], strategy: str) -> int:
     return n + (1 if strategy == "full" else 0)
 
 
-def check_next_supported(ckpt: OriginalCheckpoint, vision: dict[str, Any]) -> None:
-    """Combinations the authors' code runs but LlavaNext cannot express: refuse before writing anything."""
+def check_next_supported(ckpt: OriginalCheckpoint, vision: dict[str, Any], pins: list | None = None) -> None:
+    """Combinations the authors' code runs but LlavaNext cannot express: refuse before writing anything
+    (PINS: the pinpoints as read, default the config's)."""
     cfg_path = ckpt.path / "config.json"
+    aspect = ckpt.config.get("image_aspect_ratio")
     merge = ckpt.config.get("mm_patch_merge_type", "flat")
     if merge != "spatial_unpad":
         raise LlavaConvertError(
-            f"{cfg_path}: image_aspect_ratio 'anyres' with mm_patch_merge_type {merge!r} is not supported: "
+            f"{cfg_path}: image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r} is not supported: "
             "LlavaNext always merges tiles spatially, unpads them and appends image_newline ('spatial_unpad')"
         )
-    pins = ckpt.config.get("image_grid_pinpoints")
+    pins = pins if pins is not None else ckpt.config.get("image_grid_pinpoints")
     if not pins:
-        raise LlavaConvertError(f"{cfg_path}: image_aspect_ratio 'anyres' without image_grid_pinpoints")
+        raise LlavaConvertError(f"{cfg_path}: image_aspect_ratio {aspect!r} without image_grid_pinpoints")
     size = vision["image_size"]
     bad = [p for p in pins if p[0] % size or p[1] % size]
     if bad:
@@ -117,8 +120,12 @@ def hf_grid_pinpoints(pinpoints: list | str) -> list[list[int]]:
 
 
 def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> dict[str, Any]:
-    """The full HF config dict (`LlavaConfig` or `LlavaNextConfig`), validated by building the class."""
+    """The full HF config dict (`LlavaConfig`, `LlavaNextConfig` or `LlavaOnevisionConfig`), validated by
+    building the class."""
     from transformers import LlavaConfig, LlavaNextConfig
+
+    if ckpt.family:
+        return _next_family_config(ckpt, tower, vocab)
 
     text = text_config(ckpt, vocab)
     vision = vision_config(tower)
@@ -154,6 +161,11 @@ def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> 
     except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
         raise LlavaConvertError(f"{ckpt.path / 'config.json'}: cannot build the Hugging Face config ({e})") from None
     cfg.architectures = [arch]
+    return _config_dict(cfg, text, vision, vocab)
+
+
+def _config_dict(cfg, text: dict[str, Any], vision: dict[str, Any], vocab: Vocab) -> dict[str, Any]:
+    """CFG as written to config.json: the sub-configs as folded, the pad id, no label maps."""
     out = cfg.to_dict()
     out["text_config"] = text
     out["vision_config"] = vision
@@ -161,3 +173,58 @@ def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> 
     for k in ("id2label", "label2id"):
         out.pop(k, None)
     return out
+
+
+def _next_family_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> dict[str, Any]:
+    """A LLaVA-NeXT-repository checkpoint: `LlavaOnevisionConfig` (OneVision: `vision_aspect_ratio`, a video
+    token after `<image>`) or `LlavaNextConfig`, with the pinpoint range expanded; a SigLIP tower's features
+    are the last hidden state of the truncated encoder, every patch ("full")."""
+    from transformers import LlavaNextConfig, LlavaOnevisionConfig
+
+    cfg_path = ckpt.path / "config.json"
+    text = text_config(ckpt, vocab)
+    vision = vision_config(tower)
+    mm_hidden = ckpt.config.get("mm_hidden_size")
+    if mm_hidden is not None and mm_hidden != vision["hidden_size"]:
+        raise LlavaConvertError(
+            f"{cfg_path}: mm_hidden_size {mm_hidden} does not match the vision tower's hidden_size "
+            f"{vision['hidden_size']} ({tower.path})"
+        )
+    if ckpt.projector_type != "mlp2x_gelu":
+        raise LlavaConvertError(f"{cfg_path}: mm_projector_type {ckpt.projector_type!r} (expected mlp2x_gelu)")
+    pins = ckpt.config.get("image_grid_pinpoints")
+    if not pins:
+        raise LlavaConvertError(
+            f"{cfg_path}: image_aspect_ratio {ckpt.config.get('image_aspect_ratio')!r} without image_grid_pinpoints"
+        )
+    tile = vision["image_size"]
+    expanded = expand_pinpoints(pins, tile, where=str(cfg_path))
+    check_next_supported(ckpt, vision, expanded)
+    if ckpt.siglip:
+        layer, strategy = -1, "full"
+    else:
+        layer, strategy = int(ckpt.config.get("mm_vision_select_layer", -2)), feature_strategy(ckpt)
+    common = dict(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=vocab.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy,
+        image_grid_pinpoints=hf_grid_pinpoints(expanded),
+        multimodal_projector_bias=True,
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    try:
+        if ckpt.architecture == "llava_onevision":
+            cfg = LlavaOnevisionConfig(
+                video_token_index=vocab.image_token_id + 1, vision_aspect_ratio=ckpt.config["image_aspect_ratio"],
+                **common,
+            )
+            cfg.architectures = ["LlavaOnevisionForConditionalGeneration"]
+        else:
+            cfg = LlavaNextConfig(image_seq_length=(tile // vision["patch_size"]) ** 2, **common)
+            cfg.architectures = ["LlavaNextForConditionalGeneration"]
+    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
+        raise LlavaConvertError(f"{cfg_path}: cannot build the Hugging Face config ({e})") from None
+    return _config_dict(cfg, text, vision, vocab)

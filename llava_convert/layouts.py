@@ -24,19 +24,24 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
 )
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, rename_source_key
 
 # The model types of a converted checkpoint's config.json, and their transformers classes.
-HF_MODEL_TYPES = ("llava", "llava_next")
+HF_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 MODEL_CLASSES = {
     "llava": (LlavaConfig, LlavaForConditionalGeneration),
     "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+    "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
 }
 
 # The original (authors') LLaMA embedding key: its rows are the vocabulary, its dtype the checkpoint's.
 EMBED_KEY = "model.embed_tokens.weight"
+# The original output head (absent from a tied checkpoint: Qwen2-0.5B's).
+LM_HEAD_KEY = "lm_head.weight"
 
 # Every module root of the legacy layout, most specific first; names outside them keep their spelling.
 LEGACY_ROOTS = (

@@ -1,5 +1,10 @@
 """Tokenizer and processor for the converted checkpoint: `<image>` and `<pad>` tokens, image processor set up
-the way the authors preprocess (pad-to-square, anyres tiling), and the chat template of the checkpoint family."""
+the way the authors preprocess (pad-to-square, anyres tiling), and the chat template of the checkpoint family.
+
+The LLaVA-NeXT repository's families keep their tokenizer's own pad token: Qwen's embedding is padded (151936 /
+152064 rows for 151646 tokens), so `<image>` (and OneVision's `<video>`) take the first unused rows; Llama-3's
+(128256 rows, its tokenizer's length) grows by `<image>` and `<pad>`. Their processors are written file by file
+(`write_next_processor`): `LlavaOnevisionProcessor` cannot be built without torchvision (its video processor)."""
 
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ from .readers import check_input_file
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
+VIDEO_TOKEN = "<video>"  # LLaVA-OneVision's, right after <image>
+# The authors' SigLipImageProcessor (hard-coded): square resize, bicubic, 1/255, mean = std = 0.5.
+SIGLIP_MEAN_STD = [0.5, 0.5, 0.5]
 
 
 def load_tokenizer(path: Path, *, legacy: bool = True):
@@ -71,6 +79,8 @@ def plan_tokens(ckpt: OriginalCheckpoint, rows: int) -> Vocab:
         LlavaConvertError: the tokenizer and the embedding rows do not fit together.
     """
     tok = load_tokenizer(ckpt.tokenizer_dir)
+    if ckpt.family:
+        return _plan_next_vocab(ckpt, rows, tok)
     added = authors_added_tokens(ckpt.config, tok)
     n = len(tok) + len(added)
     if not len(tok) <= rows <= n:
@@ -80,6 +90,25 @@ def plan_tokens(ckpt: OriginalCheckpoint, rows: int) -> Vocab:
             f"{rows} rows"
         )
     return plan_vocab(rows, tokens=n, added=added)
+
+
+def _plan_next_vocab(ckpt: OriginalCheckpoint, rows: int, tok) -> Vocab:
+    """Qwen: `<image>` (and `<video>` for OneVision) take the first unused rows of the padded embedding, the
+    tokenizer's own pad token stays. Llama-3: `<image>` and `<pad>` are added and the rows grow."""
+    n = len(tok)
+    if ckpt.family == "llama3":
+        if rows != n:
+            raise LlavaConvertError(
+                f"{ckpt.tokenizer_dir}: the tokenizer has {n} tokens but model.embed_tokens.weight has {rows} rows"
+            )
+        return plan_vocab(rows)
+    extra = 2 if ckpt.family == "onevision" else 1
+    if not n <= rows or tok.pad_token_id is None:
+        raise LlavaConvertError(
+            f"{ckpt.tokenizer_dir}: the tokenizer has {n} tokens (pad {tok.pad_token!r}) but "
+            f"model.embed_tokens.weight has {rows} rows"
+        )
+    return Vocab(rows, n, tok.pad_token_id, max(rows, n + extra))
 
 
 def _apply_style(tok, style: PromptStyle) -> None:
@@ -110,17 +139,23 @@ def build_tokenizer(ckpt: OriginalCheckpoint, vocab: Vocab):
         tok.add_tokens([AddedToken(t, special=True, normalized=False)], special_tokens=True)
     tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
-    got = (tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN))
+    _finish_tokenizer(ckpt, tok, vocab)
+    _apply_style(tok, style)
+    return tok, style
+
+
+def _finish_tokenizer(ckpt: OriginalCheckpoint, tok, vocab: Vocab) -> None:
+    """Check that `<image>` and the pad token got the planned ids; the authors' length limit, left padding."""
+    got = (tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id)
     if got != (vocab.image_token_id, vocab.pad_token_id):
         raise LlavaConvertError(
-            f"{ckpt.tokenizer_dir}: <image>/<pad> got ids {got}, expected {(vocab.image_token_id, vocab.pad_token_id)}"
+            f"{ckpt.tokenizer_dir}: <image>/{tok.pad_token} got ids {got}, expected "
+            f"{(vocab.image_token_id, vocab.pad_token_id)}"
         )
     max_len = ckpt.config.get("tokenizer_model_max_length")
     if max_len:
         tok.model_max_length = int(max_len)
     tok.padding_side = "left"  # batched generation
-    _apply_style(tok, style)
-    return tok, style
 
 
 def _image_kwargs(tower: VisionTower) -> dict[str, Any]:
@@ -264,4 +299,78 @@ def write_tokenizer_files(processor, out: Path, tokenizer_dir: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=2, sort_keys=True) + "\n")
     proc_path.write_text(json.dumps(proc_cfg, indent=2, sort_keys=True) + "\n")
     template = (out / "chat_template.jinja").read_text()
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+
+
+def build_next_tokenizer(ckpt: OriginalCheckpoint, vocab: Vocab):
+    """The original tokenizer with `<image>` (and `<video>`) at the planned ids; Llama-3 also gets `<pad>`.
+    No automatic BOS: the Llama-3 template writes it (the authors' double BOS)."""
+    from tokenizers import AddedToken
+
+    tok = load_tokenizer(ckpt.tokenizer_dir)
+    added = [IMAGE_TOKEN] + ([VIDEO_TOKEN] if ckpt.family == "onevision" else [])
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in added], special_tokens=True)
+    if ckpt.family == "llama3":
+        tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
+        tok.add_bos_token = False
+    _finish_tokenizer(ckpt, tok, vocab)
+    return tok
+
+
+def build_next_processor(
+    ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab, hf_config: dict[str, Any], chat_template: str
+):
+    """The tokenizer, image processor and processor settings reproducing the authors' image path and prompts
+    for a LLaVA-NeXT-repository checkpoint: `(tokenizer, image_processor, processor_class, settings)`."""
+    from transformers import LlavaNextImageProcessor, LlavaOnevisionImageProcessor
+
+    tok = build_next_tokenizer(ckpt, vocab)
+    template = template_for(chat_template, bos=ckpt.family == "llama3")
+    pins = hf_config["image_grid_pinpoints"]
+    vision = hf_config["vision_config"]
+    if ckpt.siglip:
+        pre = tower.preprocessor
+        image_processor = LlavaOnevisionImageProcessor(
+            image_grid_pinpoints=pins,
+            size={"height": vision["image_size"], "width": vision["image_size"]},
+            image_mean=pre.get("image_mean", SIGLIP_MEAN_STD), image_std=pre.get("image_std", SIGLIP_MEAN_STD),
+            resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
+        )
+    else:
+        image_processor = LlavaNextImageProcessor(image_grid_pinpoints=pins, **_image_kwargs(tower))
+    settings: dict[str, Any] = {
+        "vision_feature_select_strategy": hf_config["vision_feature_select_strategy"], "chat_template": template,
+        "image_token": IMAGE_TOKEN,
+    }
+    if ckpt.architecture == "llava_onevision":
+        settings.update(num_image_tokens=(vision["image_size"] // vision["patch_size"]) ** 2,
+                        vision_aspect_ratio=hf_config["vision_aspect_ratio"], video_token=VIDEO_TOKEN)
+        return tok, image_processor, "LlavaOnevisionProcessor", settings
+    settings.update(patch_size=vision["patch_size"], num_additional_image_tokens=0 if ckpt.siglip else 1)
+    return tok, image_processor, "LlavaNextProcessor", settings
+
+
+def write_next_processor(out: Path, tok, image_processor, processor_class: str, settings: dict[str, Any]) -> None:
+    """Save a LLaVA-NeXT-repository processor as `save_pretrained` lays it out (tokenizer files,
+    preprocessor_config.json, processor_config.json, chat_template.jinja / .json), by hand: the files load with
+    `AutoProcessor` where torchvision is installed and piece by piece where it is not."""
+    settings = dict(settings)
+    template = settings.pop("chat_template")
+    tok.save_pretrained(str(out))
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["processor_class"] = processor_class
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    image_cfg = image_processor.to_dict()
+    image_cfg["image_processor_type"] = type(image_processor).__name__.removesuffix("Pil")
+    image_cfg["processor_class"] = processor_class
+    (out / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=2, sort_keys=True) + "\n")
+    if processor_class == "LlavaOnevisionProcessor":
+        video = {k: image_cfg[k] for k in ("size", "image_mean", "image_std", "resample", "do_rescale",
+                                            "rescale_factor", "do_normalize", "do_convert_rgb") if k in image_cfg}
+        video.update(video_processor_type="LlavaOnevisionVideoProcessor", processor_class=processor_class,
+                     do_resize=True)
+        (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+    proc = {"processor_class": processor_class, **settings}
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2, sort_keys=True) + "\n")
+    (out / "chat_template.jinja").write_text(template)
     (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")

@@ -108,6 +108,14 @@ def read_json_file(path: Path) -> Any:
     return parse_json(raw, path)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of an input directory (`read_json_file`), refused in one line when not an object."""
+    data = read_json_file(path)  # strict, size-capped, no symlink out of its directory
+    if not isinstance(data, dict):
+        raise LlavaConvertError(f"{path}: expected a JSON object")
+    return data
+
+
 def check_input_file(path: Path) -> None:
     """Refuse a file of an input directory that is a symlink leading out of it.
 

@@ -41,11 +41,13 @@ class TargetModel:
 
 
 def build_target(config: dict[str, Any], cfg_path: Any = "config.json") -> TargetModel:
-    config_cls, model_cls = MODEL_CLASSES["llava_next" if config["model_type"] == "llava_next" else "llava"]
+    config_cls, model_cls = MODEL_CLASSES.get(config["model_type"], MODEL_CLASSES["llava"])
     try:
         with torch.device("meta"):
             model = model_cls(config_cls.from_dict(config))
     except Exception as e:  # noqa: BLE001 - transformers' config validation raises many types; name the field
         raise LlavaConvertError(f"{cfg_path}: cannot build the target model ({type(e).__name__}: {e})") from None
     params = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.get_text_config().tie_word_embeddings:  # the embedding itself: not written (as released)
+        params.pop("lm_head.weight", None)
     return TargetModel(model_cls.__name__, params, conversion_rules(model))

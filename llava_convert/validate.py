@@ -110,6 +110,8 @@ def check_original_config(config: dict[str, Any], path: Path) -> None:
     for e in eos if isinstance(eos, list) else [eos]:
         check_field(path, "eos_token_id", e, "id", MAX_VOCAB)
     pins = config.get("image_grid_pinpoints")
+    if isinstance(pins, str) and re.fullmatch(r"\(\d{1,2}x\d{1,2}\)(,\s*(\.\.\.|\(\d{1,2}x\d{1,2}\)))*", pins):
+        pins = None  # the LLaVA-NeXT repository's range form "(1x1),...,(6x6)" (authors.images.expand_pinpoints)
     if pins is not None:
         ok = isinstance(pins, list) and 0 < len(pins) <= 256 and all(
             isinstance(p, list) and len(p) == 2 and all(

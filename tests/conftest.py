@@ -48,6 +48,36 @@ def oracle_root(tmp_path_factory) -> Path:
     return root
 
 
+def oracle_next_python() -> Path:
+    """The isolated venv with the LLaVA-NeXT authors' code (llavaction + transformers 4.40.2)."""
+    return Path(os.environ.get("LLAVA_ORACLE_NEXT_PYTHON", REPO / ".venv-oracle-next" / "bin" / "python"))
+
+
+@pytest.fixture(scope="session")
+def oracle_next_root(tmp_path_factory) -> Path:
+    """Build every LLaVA-NeXT-family case once per session with the authors' code; return the root folder.
+
+    LLAVA_ORACLE_NEXT_ROOT names a root that make_reference.py already wrote (to iterate without rebuilding)."""
+    if os.environ.get("LLAVA_ORACLE_NEXT_ROOT"):
+        return Path(os.environ["LLAVA_ORACLE_NEXT_ROOT"])
+    py = oracle_next_python()
+    if not py.exists():
+        pytest.fail(
+            f"oracle-next interpreter {py} not found: run scripts/envs/25-oracle-next.sh (or set LLAVA_ORACLE_NEXT_PYTHON), "
+            "or deselect this tier with -m 'not oracle'"
+        )
+    root = tmp_path_factory.mktemp("oracle_next")
+    proc = subprocess.run(
+        [str(py), str(HERE / "oracle_next" / "make_reference.py"), "--out", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"oracle_next/make_reference.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return root
+
+
 @pytest.fixture(scope="session")
 def oracle_case(oracle_root):
     def get(name: str) -> Path:

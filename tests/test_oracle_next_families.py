@@ -18,9 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,7 +36,6 @@ pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 
 CASES = ["ov_05b", "ov_7b", "interleave", "llama3", "next72b"]
 SIGLIP_CASES = {"ov_05b", "ov_7b", "interleave"}
-ENV_SCRIPT = "scripts/envs/25-oracle-next.sh"
 QWEN_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
     "What is shown in this image?<|im_end|>\n<|im_start|>assistant\n"
@@ -52,34 +49,6 @@ LLAMA3_PROMPT = (
     "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown in this image?<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
-
-
-def oracle_next_python() -> Path:
-    """The isolated venv with the LLaVA-NeXT authors' code (llavaction + transformers 4.40.2)."""
-    return Path(os.environ.get("LLAVA_ORACLE_NEXT_PYTHON", REPO / ".venv-oracle-next" / "bin" / "python"))
-
-
-@pytest.fixture(scope="session")
-def oracle_next_root(tmp_path_factory) -> Path:
-    """Build every LLaVA-NeXT-family case once per session with the authors' code; return the root folder.
-
-    LLAVA_ORACLE_NEXT_ROOT names a root that make_reference.py already wrote (to iterate without rebuilding)."""
-    if os.environ.get("LLAVA_ORACLE_NEXT_ROOT"):
-        return Path(os.environ["LLAVA_ORACLE_NEXT_ROOT"])
-    py = oracle_next_python()
-    if not py.exists():
-        pytest.fail(
-            f"oracle-next interpreter {py} not found: run {ENV_SCRIPT} (or set LLAVA_ORACLE_NEXT_PYTHON), "
-            "or deselect this tier with -m 'not oracle'"
-        )
-    root = tmp_path_factory.mktemp("oracle_next")
-    proc = subprocess.run(
-        [str(py), str(HERE / "oracle_next" / "make_reference.py"), "--out", str(root)],
-        capture_output=True, text=True, timeout=3600,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"oracle_next/make_reference.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return root
 
 
 @functools.cache

@@ -46,6 +46,10 @@ _NOT_TEXT = {
     "unfreeze_mm_vision_tower",
 }
 
+# The language model class of each backbone (`OriginalCheckpoint.backbone`), by its transformers name; the
+# LLaVA-NeXT repository's Qwen2 / Qwen1.5 backbones are both Qwen2.
+TEXT_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+
 # The MistralConfig default of the transformers the authors' code ran with (4.36), used when the config
 # does not say; not whatever the installed version defaults to.
 AUTHORS_SLIDING_WINDOW = 4096
@@ -59,12 +63,11 @@ def init_fields(cls) -> set[str]:
 def text_config(
     config: dict[str, Any], backbone: str, *, vocab_size: int, pad_token_id: int | None, where: Path
 ) -> PretrainedConfig:
-    """The language model's `LlamaConfig` / `MistralConfig` / `Qwen2Config` (by BACKBONE) from the authors' CONFIG
-    (LLaVA-NeXT's `LlavaQwenConfig` is a Qwen2Config).
+    """The language model's `LlamaConfig` / `MistralConfig` (by BACKBONE) from the authors' CONFIG.
 
     Args:
         config: the original config.json, as a dict.
-        backbone: the checkpoint's backbone ("mistral", "qwen2"; anything else builds a LlamaConfig).
+        backbone: the checkpoint's backbone (TEXT_CONFIG_CLASSES; anything else builds a LlamaConfig).
         vocab_size: rows of the embedding matrix the model is built with.
         pad_token_id: the pad id the model is built with (None: none).
         where: the file named in an error (the original config.json).
@@ -73,9 +76,9 @@ def text_config(
         LlavaConvertError: the fields do not build the class.
     """
     # lazy: transformers takes seconds to import; planning and validating a conversion do not need it
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    import transformers
 
-    cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}.get(backbone, LlamaConfig)
+    cls = getattr(transformers, TEXT_CONFIG_CLASSES.get(backbone, "LlamaConfig"))
     allowed = init_fields(cls) | {"rope_theta", "rope_scaling"}
     fields = {
         k: v
@@ -91,33 +94,26 @@ def text_config(
     return _build(cls, fields, where)
 
 
-def vision_config(tower: VisionTower) -> CLIPVisionConfig:
-    """The tower's `CLIPVisionConfig` from its own config.json (a CLIPModel's or a CLIPVisionModel's).
+def authors_siglip_fields(vision: dict[str, Any]) -> dict[str, Any]:
+    """A SigLIP tower's config as the LLaVA-NeXT repository runs it (`SigLipVisionTower`): its last encoder layer
+    deleted (`layers[:-1]`) and its attention-pooling head replaced by Identity."""
+    return {**vision, "model_type": "siglip_vision_model", "num_hidden_layers": int(vision["num_hidden_layers"]) - 1,
+            "vision_use_head": False}
+
+
+def vision_config(tower: VisionTower) -> CLIPVisionConfig | SiglipVisionConfig:
+    """The tower's `CLIPVisionConfig` from its own config.json (a CLIPModel's or a CLIPVisionModel's), or its
+    `SiglipVisionConfig` for a SigLIP tower (`authors_siglip_fields`).
 
     Raises:
         LlavaConvertError: the fields do not build the class.
     """
     # lazy: transformers takes seconds to import; planning and validating a conversion do not need it
-    from transformers import CLIPVisionConfig
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    fields = {k: v for k, v in tower.config.items() if k in init_fields(CLIPVisionConfig)}
-    return _build(CLIPVisionConfig, fields, tower.path / "config.json")
-
-
-def siglip_vision_config(tower_config: dict[str, Any], num_layers: int, where: Path) -> SiglipVisionConfig:
-    """The authors' SigLIP tower (LLaVA-NeXT's `siglip_encoder.py`): the Hub tower's vision config with
-    NUM_LAYERS encoder layers (the authors delete the last one of the Hub tower's) and no head.
-
-    Raises:
-        LlavaConvertError: the fields do not build the class (WHERE: the tower's config.json).
-    """
-    # lazy: transformers takes seconds to import; planning and validating a conversion do not need it
-    from transformers import SiglipVisionConfig
-
-    vision = tower_config.get("vision_config", tower_config)
-    fields = {k: v for k, v in vision.items() if k in init_fields(SiglipVisionConfig)}
-    fields.update(num_hidden_layers=num_layers, vision_use_head=False)
-    return _build(SiglipVisionConfig, fields, where)
+    cls = SiglipVisionConfig if tower.config.get("model_type") == "siglip_vision_model" else CLIPVisionConfig
+    fields = {k: v for k, v in tower.config.items() if k in init_fields(cls)}
+    return _build(cls, fields, tower.path / "config.json")
 
 
 def _build(cls, fields: dict[str, Any], where: Path):

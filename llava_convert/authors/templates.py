@@ -351,6 +351,9 @@ def authors_conv_mode(model_name: str) -> str:
 
 
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# The LLaVA-NeXT repository's families (`OriginalCheckpoint.family`): the mode their model cards use.
+FAMILY_TEMPLATES = {"onevision": "qwen_1_5", "interleave": "qwen_1_5", "next_qwen": "qwen_1_5",
+                    "llama3": "llava_llama_3"}
 # The LLaVA-1.5 / 1.6 recipe (two-layer MLP projector) on a Llama-family LLM: every release of it (Vicuna
 # v1.5, and the Yi / Mistral ones decided before this rule) was trained and evaluated with the v1 conversation.
 _V1_PROJECTOR = "mlp2x_gelu"
@@ -359,7 +362,8 @@ _V1_PROJECTOR = "mlp2x_gelu"
 def choose_chat_template(ckpt: OriginalCheckpoint, override: str | None = None) -> TemplateChoice:
     """The authors' conversation mode for CKPT, chosen from what identifies the model, and why.
 
-    In order: `override` (--chat-template); the Hub repo id (SOURCE given as one, or a snapshot folder of the
+    In order: `override` (--chat-template); for a LLaVA-NeXT-repository checkpoint, its family's mode (the
+    authors' model cards: `qwen_1_5` for the Qwen backbones, `llava_llama_3` for Llama-3); the Hub repo id (SOURCE given as one, or a snapshot folder of the
     HF cache) through the authors' name rule when one of its markers is in the name; the config's own fields
     where they decide it (a Mistral backbone; a ChatML tokenizer, as Yi's; the LLaVA-1.5 / 1.6 MLP projector on
     a Llama backbone); last, as the authors do, the folder name, with a warning when that name is not the name
@@ -372,6 +376,11 @@ def choose_chat_template(ckpt: OriginalCheckpoint, override: str | None = None) 
     if override:
         template_for(override)  # an unknown name fails while planning, so --dry-run refuses it too
         return TemplateChoice(override, "given with --chat-template")
+    if ckpt.family:
+        return TemplateChoice(
+            FAMILY_TEMPLATES[ckpt.family],
+            f"the authors' model cards' template for {ckpt.family} checkpoints (LLaVA-NeXT repository)",
+        )
     if ckpt.repo_id:
         repo_name = ckpt.name
         mode, marker = authors_name_rule(repo_name)

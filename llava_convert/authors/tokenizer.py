@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..original import read_json
+from ..readers import read_json
 
 if TYPE_CHECKING:
     from ..original import OriginalCheckpoint

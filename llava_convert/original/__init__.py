@@ -11,6 +11,12 @@ A Hugging Face checkpoint (`text_config` / `vision_config`) is refused with a po
 `original.merge` turns any form into the tensors of the model the authors' loader builds; `original.tower`
 finds the CLIP tower.
 
+The LLaVA-NeXT repository's checkpoints (LLaVA-OneVision, LLaVA-NeXT-Interleave, llama3-llava-next-8b,
+llava-next-72b/110b) are original checkpoints of the same format; `family` says which (None: haotian-liu/LLaVA).
+Their `model_type` is unreliable (`llava`, `llava_qwen`, `llava_llama`): the family comes from `architectures`,
+`image_aspect_ratio`, the tower's name and, for Llama-3, the tokenizer (its special tokens). Their tower is
+always saved in the checkpoint (trained or not), and that is the one the authors' loader runs.
+
 Delta detection: the authors' delta repos (`LLaVA-13b-delta-v0`, `LLaVA-Lightning-7B-delta-v1-1`) have a
 config.json and weights exactly like a full checkpoint; only their name says "delta". So a checkpoint whose
 name has a `delta` word (`-delta-`, `_delta`, ...) is a delta, unless `delta=False` (`--no-delta`) says
@@ -27,12 +33,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..authors.tokenizer import tokenizer_has
 from ..errors import LlavaConvertError
 from ..hub import cached_repo_id, locate, parse_repo_id
-from ..readers import WEIGHT_INDEX_NAMES, WEIGHT_SINGLE_NAMES, read_json_file, weight_files
+from ..readers import WEIGHT_INDEX_NAMES, WEIGHT_SINGLE_NAMES, read_json, weight_files
 from ..validate import check_original_config
 
-ORIGINAL_MODEL_TYPES = ("llava", "llava_llama", "llava_mistral")
+ORIGINAL_MODEL_TYPES = ("llava", "llava_llama", "llava_mistral", "llava_qwen")
+# The LLaVA-NeXT repository's families: OneVision (Qwen2 + SigLIP, anyres_max_N), Interleave (Qwen + SigLIP,
+# anyres), next_qwen (llava-next-72b/110b: Qwen1.5 + CLIP), llama3 (llama3-llava-next-8b: Llama-3 + CLIP).
+NEXT_FAMILIES = ("onevision", "interleave", "next_qwen", "llama3")
+QWEN_ARCHITECTURE = "LlavaQwenForCausalLM"
+LLAMA_ARCHITECTURE = "LlavaLlamaForCausalLM"
+LLAMA3_TOKENS = ("<|begin_of_text|>", "<|eot_id|>")
 SUPPORTED_MLP = re.compile(r"^mlp(\d+)x_gelu$")
 ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA = "non_lora_trainables.bin"
@@ -53,11 +66,6 @@ _DELTA_WORD = re.compile(r"(^|[-_.])delta([-_.]|$)", re.IGNORECASE)
 _BASE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    data = read_json_file(path)  # strict, size-capped, no symlink out of its directory
-    if not isinstance(data, dict):
-        raise LlavaConvertError(f"{path}: expected a JSON object")
-    return data
 
 
 class InputFile(NamedTuple):
@@ -74,7 +82,7 @@ class OriginalCheckpoint:
     path: Path
     config: dict[str, Any]
     form: str  # "full" | "lora" | "projector" | "delta"
-    backbone: str  # "llama" | "mistral"
+    backbone: str  # "llama" | "mistral" | "qwen2" (Qwen2 and Qwen1.5)
     name: str  # the authors' `get_model_name_from_path` (the conv-mode and delta rules read it)
     tokenizer_dir: Path  # where the authors' builder takes the tokenizer (and generation config) from
     weights: tuple[Path, ...] = ()  # full / delta: the checkpoint's weight files
@@ -85,6 +93,7 @@ class OriginalCheckpoint:
     base: Path | None = None  # the base LLM a lora / projector / delta checkpoint is applied to
     base_weights: tuple[Path, ...] = ()
     repo_id: str | None = None  # when SOURCE was given as a Hub repo id, or is a snapshot of the HF cache
+    family: str | None = None  # one of NEXT_FAMILIES (a LLaVA-NeXT-repository checkpoint), else None
 
     @property
     def config_path(self) -> Path:
@@ -112,12 +121,25 @@ class OriginalCheckpoint:
 
     @property
     def architecture(self) -> str:
-        """`llava_next` when the checkpoint tiles images (anyres), else `llava`."""
+        """`llava_onevision` (anyres_max_N), `llava_next` when the checkpoint tiles images (anyres), else `llava`."""
+        if self.family == "onevision":
+            return "llava_onevision"
+        if self.family:
+            return "llava_next"
         return "llava_next" if self.config.get("image_aspect_ratio") == "anyres" else "llava"
 
     @property
     def tower_in_checkpoint(self) -> bool:
-        return bool(self.config.get("unfreeze_mm_vision_tower", False))
+        if self.family and self.form in ("full", "delta"):
+            return True  # the LLaVA-NeXT repository saves the tower, trained or not, and its loader uses it
+        tuned = "mm_vision_tower" in str(self.config.get("mm_tunable_parts") or "")  # LLaVA-NeXT training
+        return self.form != "projector" and (tuned or bool(self.config.get("unfreeze_mm_vision_tower", False)))
+
+    @property
+    def siglip(self) -> bool:
+        """The authors' `build_vision_tower`: a tower is SigLIP when its name says so (LLaVA-NeXT repository)."""
+        name = self.config.get("mm_vision_tower") or self.config.get("vision_tower") or ""
+        return self.family is not None and "siglip" in str(name).lower()
 
     @property
     def facts(self) -> dict[str, Any]:
@@ -184,7 +206,8 @@ def open_original(
         files["projector"] = path / PROJECTOR
     else:
         files["weights"] = tuple(weight_files(path))
-    ckpt = OriginalCheckpoint(path, config, form, backbone, name, path, repo_id=repo_id, **files)
+    family = _family(config, path)
+    ckpt = OriginalCheckpoint(path, config, form, backbone, name, path, repo_id=repo_id, family=family, **files)
     if form not in NEEDS_BASE:
         if base is not None:
             raise LlavaConvertError(
@@ -200,7 +223,22 @@ def open_original(
     _check_base(ckpt, base_path)
     # The authors' builder of a LoRA / projector-only checkpoint: AutoTokenizer.from_pretrained(model_base).
     tokenizer_dir = base_path if form in ("lora", "projector") else path
-    return replace(ckpt, base=base_path, base_weights=tuple(weight_files(base_path)), tokenizer_dir=tokenizer_dir)
+    return replace(ckpt, base=base_path, base_weights=tuple(weight_files(base_path)), tokenizer_dir=tokenizer_dir,
+                   family=_family(config, tokenizer_dir))  # Llama-3 is told by its tokenizer: the base's
+
+
+def _family(config: dict[str, Any], tokenizer_dir: Path) -> str | None:
+    """Which of NEXT_FAMILIES CONFIG is (None: a haotian-liu/LLaVA checkpoint)."""
+    arch = config.get("architectures") or []
+    aspect = str(config.get("image_aspect_ratio") or "")
+    tower = str(config.get("mm_vision_tower") or config.get("vision_tower") or "").lower()
+    if QWEN_ARCHITECTURE in arch or config.get("model_type") == "llava_qwen":
+        if aspect.startswith("anyres_max"):
+            return "onevision"
+        return "interleave" if "siglip" in tower else "next_qwen"
+    if LLAMA_ARCHITECTURE in arch and aspect.startswith("anyres") and tokenizer_has(tokenizer_dir, LLAMA3_TOKENS):
+        return "llama3"
+    return None
 
 
 def _authors_name(path: Path, repo_id: str | None) -> str:
@@ -242,7 +280,7 @@ def _has_full_weights(path: Path) -> bool:
 
 
 def _check_config(config: dict[str, Any], cfg_path: Path, representable: bool) -> str:
-    """Refuse what is not an original multimodal LLaVA config; return its backbone ("llama" | "mistral")."""
+    """Refuse what is not an original multimodal LLaVA config; return its backbone ("llama" | "mistral" | "qwen2")."""
     check_original_config(config, cfg_path)
     model_type = config.get("model_type")
     if "text_config" in config or "vision_config" in config:
@@ -258,6 +296,8 @@ def _check_config(config: dict[str, Any], cfg_path: Path, representable: bool) -
     if "mm_vision_tower" not in config:
         raise LlavaConvertError(f"{cfg_path}: no mm_vision_tower; not a multimodal LLaVA checkpoint")
     check_projector(config, cfg_path, representable=representable)
+    if QWEN_ARCHITECTURE in (config.get("architectures") or []) or model_type == "llava_qwen":
+        return "qwen2"  # the LLaVA-NeXT repository's Qwen2 / Qwen1.5 backbones
     return "mistral" if model_type == "llava_mistral" else "llama"
 
 

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LlavaConvertError
-from ..layouts import EMBED_KEY
+from ..layouts import EMBED_KEY, LM_HEAD_KEY
 from ..plan import Composite
 from ..readers import TensorRef, read_checkpoint, read_torch_bin, read_weight_file
 from ..validate import check_adapter_config
 from . import ADAPTER_CONFIG, FORM_TITLES, NEEDS_BASE, OriginalCheckpoint, base_hint
 
-LM_HEAD_KEY = "lm_head.weight"
 NORM_KEY = "model.norm.weight"
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(\.(?P<adapter>[^.]+))?\.weight")
 # Keys a delta may hold that its base LLM lacks (the authors' apply_delta allows the projector only;

@@ -1,4 +1,7 @@
-"""The CLIP vision tower of an original LLaVA checkpoint: `--vision-tower`, else its `mm_vision_tower`."""
+"""The vision tower of an original LLaVA checkpoint: `--vision-tower`, else its `mm_vision_tower`.
+
+A CLIP tower, or for the LLaVA-NeXT repository's SigLIP checkpoints a SigLIP one, described as the authors
+run it (`authors.config.authors_siglip_fields`: its last layer deleted, no head)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..authors.config import authors_siglip_fields
 from ..errors import LlavaConvertError
 from ..hub import locate, parse_repo_id
 from ..readers import weight_files
@@ -41,6 +45,14 @@ def open_vision_tower(path: Path, *, need_weights: bool) -> VisionTower:
 
 
 def find_vision_tower(ckpt: OriginalCheckpoint, override: Path | str | None) -> VisionTower:
+    """The tower the authors' code would use (`_find_vision_tower`); a SigLIP one as they run it."""
+    tower = _find_vision_tower(ckpt, override)
+    if ckpt.siglip:
+        return VisionTower(tower.path, authors_siglip_fields(tower.config), tower.preprocessor, tower.weight_files)
+    return tower
+
+
+def _find_vision_tower(ckpt: OriginalCheckpoint, override: Path | str | None) -> VisionTower:
     """The CLIP tower the authors' code would use: `--vision-tower`, else `mm_vision_tower`.
 
     Either may be a local directory or a Hub repo id (`openai/clip-vit-large-patch14-336`), fetched with
