@@ -25,6 +25,7 @@ themselves in `authors/`:
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,11 @@ from .authors.images import (
     unpad_image_transformers,
 )
 from .errors import LlavaConvertError
-from .hub import locate
 from .lazy import RowSlice, load_into, materialize_buffers
 from .logs import quiet
-from .original import OriginalCheckpoint, read_json
-from .original.tower import VisionTower
+from .original import open_original
 from .readers import TensorRef, read_checkpoint, weight_files
-from .reference import LEGACY_CLIP_ATTENTION, TOWER_PREFIX, ImageStages, ReferenceModel
+from .reference import LEGACY_CLIP_ATTENTION, ImageStages, ReferenceModel
 
 # The attention kernel of the authors' SigLIP copy (attention computed by hand: transformers' eager).
 SIGLIP_ATTENTION = "eager"
@@ -89,24 +88,6 @@ HINTS = {
 }
 
 
-def is_next_checkpoint(config: dict[str, Any]) -> bool:
-    """Whether CONFIG is a checkpoint of the LLaVA-NeXT repository (run by `NextReferenceModel`).
-
-    `model_type` is not trusted (the releases say "llava", "llava_qwen", "llava_llama"): a Qwen LLaVA, an
-    `anyres_max_N` aspect, a SigLIP tower or the NeXT training's `mm_tunable_parts` key identify them.
-    """
-    arch = config.get("architectures") or []
-    aspect = str(config.get("image_aspect_ratio") or "")
-    tower = str(config.get("mm_vision_tower") or config.get("vision_tower") or "")
-    return (
-        "LlavaQwenForCausalLM" in arch
-        or config.get("model_type") == "llava_qwen"
-        or aspect.startswith("anyres_max")
-        or "siglip" in tower.lower()
-        or "mm_tunable_parts" in config
-    )
-
-
 class NextReferenceModel(ReferenceModel):
     """An original LLaVA-NeXT-repository checkpoint run as the authors' code runs it (see the module doc).
 
@@ -125,30 +106,12 @@ class NextReferenceModel(ReferenceModel):
     clip_attention = LEGACY_CLIP_ATTENTION
 
     # -- construction ----------------------------------------------------------------------------------
+    # The checkpoint, its family and its tower come from `original/` (`open_original`, `find_vision_tower`: a
+    # SigLIP tower described minus its last layer, the checkpoint's own tower weights).
 
-    def _open(self, path, *, vision_tower, base, delta) -> tuple[OriginalCheckpoint, VisionTower]:
-        path = Path(path)
-        if base is not None or delta:
-            raise LlavaConvertError(f"{path}: --base / --delta: check runs full LLaVA-NeXT checkpoints only")
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise LlavaConvertError(f"{cfg_path}: not found")
-        config = read_json(cfg_path)
-        backbone = "llama" if "LlavaLlamaForCausalLM" in (config.get("architectures") or []) else "qwen2"
-        ckpt = OriginalCheckpoint(path, config, "full", backbone, path.name, path, tuple(weight_files(path)))
-        name = vision_tower or config.get("mm_vision_tower") or config.get("vision_tower")
-        if not name:
-            raise LlavaConvertError(f"{cfg_path}: no mm_vision_tower")
-        self._tower_name = str(name)
-        local = Path(self._tower_name)
-        if local.is_dir():
-            self.is_siglip = str(read_json(local / "config.json").get("model_type", "")).startswith("siglip")
-        else:  # the authors' build_vision_tower: "siglip" in the name
-            self.is_siglip = "siglip" in self._tower_name.lower()
-        tower_path = locate(self._tower_name, role="mm_vision_tower", tower=True, weights=False).path
-        self.tower_config = read_json(tower_path / "config.json")
-        tower = VisionTower(tower_path, self.tower_config.get("vision_config", self.tower_config), {}, ())
-        return ckpt, tower
+    @property
+    def is_siglip(self) -> bool:
+        return self.ckpt.siglip
 
     def _image_processor(self):
         return SiglipPreprocessor() if self.is_siglip else super()._image_processor()
@@ -163,55 +126,33 @@ class NextReferenceModel(ReferenceModel):
             )
         return rows
 
-    @property
-    def tower_in_checkpoint(self) -> bool:
-        return any(k.startswith(TOWER_PREFIX) for k in self.tensors)
-
-    def _tower_where(self) -> str:
-        return str(self.ckpt.path if self.tower_in_checkpoint else self.tower.path)
-
-    def _tower_refs(self) -> dict[str, TensorRef]:
-        """The tower weights keyed as the authors' tower module names them (`vision_model.*` for SigLIP)."""
-        if self.tower_in_checkpoint:
-            return {k[len(TOWER_PREFIX) :]: r for k, r in self.tensors.items() if k.startswith(TOWER_PREFIX)}
-        return self._stock_refs(drop_last=True)
-
-    def _hub_tower_refs(self, *, fetch: bool = True) -> dict[str, TensorRef]:
-        """The tower directory's weights; with FETCH false only when they are already on disk (the checker's
-        alternatives never download a tower the checkpoint does not need)."""
-        if fetch:
-            path = locate(self._tower_name, role="mm_vision_tower", tower=True, weights=True).path
-        else:
-            path = self.tower.path
-        return read_checkpoint(path, origin="vision_tower", files=weight_files(path))
-
-    def _stock_refs(self, *, drop_last: bool, fetch: bool = True) -> dict[str, TensorRef]:
-        """The tower directory's weights as the authors' tower loads them (SigLIP: vision part, no head, the
-        last layer dropped unless DROP_LAST is false)."""
-        refs = self._hub_tower_refs(fetch=fetch)
-        if not self.is_siglip:
-            return refs
+    def _hub_tower_refs(self, *, whole: bool) -> dict[str, TensorRef]:
+        """The tower directory's SigLIP weights as the authors' tower loads them (vision part, no head; the
+        last layer dropped unless WHOLE), only when they are on disk: the checker's alternatives never
+        download a tower the checkpoint does not need."""
+        refs = read_checkpoint(self.tower.path, origin="vision_tower", files=weight_files(self.tower.path))
         refs = {k: r for k, r in refs.items() if k.startswith("vision_model.") and ".head." not in k}
-        if drop_last:
-            last = int(self.tower.config.get("num_hidden_layers", 27)) - 1
+        if not whole:
+            last = int(self.tower.config["num_hidden_layers"])  # the Hub tower's last layer
             refs = {k: r for k, r in refs.items() if not k.startswith(f"vision_model.encoder.layers.{last}.")}
         return refs
 
     def stray_tower_refs(self) -> dict[str, TensorRef] | None:
-        return None  # the authors' NeXT builder always runs the checkpoint's own tower when it carries one
+        return None  # the authors' NeXT loader always runs the checkpoint's own tower
 
     def stock_tower_refs(self) -> dict[str, TensorRef] | None:
-        return None  # the SigLIP alternatives below cover the Hub tower
+        return None if self.is_siglip else super().stock_tower_refs()  # SigLIP: `_siglip_alternatives`
 
-    def _build_vision(self, refs: dict[str, TensorRef], *, where: str):
+    def _build_vision(self, refs: dict[str, TensorRef], *, where: str, whole: bool = False):
+        """The tower as the authors build it; WHOLE: a SigLIP tower with the Hub tower's every layer."""
         if not self.is_siglip:
             return super()._build_vision(refs, where=where)
         from transformers import SiglipVisionModel
 
-        layers = {int(m.group(1)) for k in refs if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))}
-        cfg = authors_config.siglip_vision_config(
-            self.tower_config, max(layers) + 1 if layers else 0, self.tower.path / "config.json"
-        )
+        tower = self.tower
+        if whole:
+            tower = replace(tower, config={**tower.config, "num_hidden_layers": tower.config["num_hidden_layers"] + 1})
+        cfg = authors_config.vision_config(tower)
         cfg._attn_implementation = SIGLIP_ATTENTION
         with quiet(), torch.device("meta"):
             model = SiglipVisionModel(cfg)
@@ -304,13 +245,11 @@ class NextReferenceModel(ReferenceModel):
         alt = {"vision:siglip_post_layernorm": self.vision.post_layernorm(feats).to(self.dtype)}
         where = str(self.tower.path)
         try:
-            full = self._build_vision(self._stock_refs(drop_last=False, fetch=False), where=where)
-            if self.tower_in_checkpoint:
-                stock = self._build_vision(self._stock_refs(drop_last=True, fetch=False), where=where)
-                alt["vision:hub_tower"] = self.vision_hidden_states(pv, stock)[-1]
-                del stock
-        except LlavaConvertError:
+            full = self._build_vision(self._hub_tower_refs(whole=True), where=where, whole=True)
+            stock = self._build_vision(self._hub_tower_refs(whole=False), where=where)
+        except LlavaConvertError:  # the Hub tower's weights are not on disk
             return alt
+        alt["vision:hub_tower"] = self.vision_hidden_states(pv, stock)[-1]
         alt["vision:siglip_hub_whole"] = self.vision_hidden_states(pv, full)[-1]
         # The last layer kept: on the checkpoint's own layers, the Hub tower's last layer run on top.
         out = full.encoder.layers[-1](feats.to(self.dtype), attention_mask=None)
@@ -319,10 +258,10 @@ class NextReferenceModel(ReferenceModel):
 
 
 def open_reference(path: Path | str, **options: Any) -> ReferenceModel:
-    """The original side of `check`: `NextReferenceModel` for a full checkpoint of the LLaVA-NeXT repository,
-    else the LLaVA-1.x `ReferenceModel`; OPTIONS are `ReferenceModel`'s."""
-    cfg_path = Path(path) / "config.json"
-    full = options.get("base") is None and not options.get("delta")
-    if full and cfg_path.is_file() and is_next_checkpoint(read_json(cfg_path)):
-        return NextReferenceModel(path, **options)
-    return ReferenceModel(path, **options)
+    """The original side of `check`: `NextReferenceModel` for a checkpoint of the LLaVA-NeXT repository
+    (`OriginalCheckpoint.family`), else the LLaVA-1.x `ReferenceModel`; OPTIONS are `ReferenceModel`'s."""
+    base, delta = options.get("base"), options.get("delta")
+    ckpt = open_original(
+        path, base=base, delta=delta if base is not None or delta else False, require_base=False, representable=False
+    )
+    return (NextReferenceModel if ckpt.family else ReferenceModel)(path, **options)

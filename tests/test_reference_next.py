@@ -30,7 +30,7 @@ from llava_convert.check.converted import ConvertedRun
 from llava_convert.check.original import run_original
 from llava_convert.check.report import thresholds_for
 from llava_convert.lazy import RowSlice
-from llava_convert.reference_next import HINTS, NextReferenceModel, is_next_checkpoint, open_reference
+from llava_convert.reference_next import HINTS, NextReferenceModel, open_reference
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "oracle_next"))
@@ -95,22 +95,6 @@ def test_unpad_rounding_authors_vs_transformers():
     assert authors.shape == (1, 27, 14) and hf.shape == (1, 27, 16)
     # away from the boundary both agree
     assert torch.equal(unpad_image(t, (700, 300)), unpad_image_transformers(t, (700, 300)))
-
-
-def test_which_checkpoints_are_next():
-    assert is_next_checkpoint({"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava"})
-    assert is_next_checkpoint(
-        {"architectures": ["LlavaLlamaForCausalLM"], "mm_tunable_parts": "mm_mlp_adapter"}
-    )
-    assert is_next_checkpoint({"image_aspect_ratio": "anyres_max_9"})
-    assert is_next_checkpoint({"mm_vision_tower": "google/siglip-so400m-patch14-384"})
-    v16 = {
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "model_type": "llava_llama",
-        "image_aspect_ratio": "anyres",
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-    }
-    assert not is_next_checkpoint(v16)
 
 
 def test_row_slice_keeps_the_first_rows(tmp_path):
