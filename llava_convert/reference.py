@@ -211,6 +211,9 @@ class ReferenceModel:
         vision_tower: local CLIP directory (default: the config's `mm_vision_tower` when it is a local path).
         dtype: compute dtype, "float32" or "bfloat16".
         low_memory: stream decoder layers one at a time instead of holding the language model.
+        base, delta: the base LLM of a LoRA / projector-only / delta checkpoint; force or rule out delta.
+        clip_attention: the CLIP tower's attention kernel (default: the class's `clip_attention`, the one of
+            the authors' transformers).
 
     Raises:
         LlavaConvertError: the checkpoint, its tower or its tokenizer cannot be read.
@@ -229,9 +232,12 @@ class ReferenceModel:
         low_memory: bool = False,
         base: Path | str | None = None,
         delta: bool | None = None,
+        clip_attention: str | None = None,
     ):
         from transformers import AutoTokenizer
 
+        if clip_attention is not None:
+            self.clip_attention = clip_attention
         self.ckpt, self.tower = self._open(path, vision_tower=vision_tower, base=base, delta=delta)
         self.tensors, _ = read_tensors(self.ckpt)
         self.config = self.ckpt.config
