@@ -91,23 +91,14 @@ HINTS = {
 class NextReferenceModel(ReferenceModel):
     """An original LLaVA-NeXT-repository checkpoint run as the authors' code runs it (see the module doc).
 
-    Args:
-        path: original (full) checkpoint directory.
-        vision_tower: the tower `mm_vision_tower` names, as a local directory or Hub id (default: that name,
-            resolved through the HF cache / Hub). Its config gives the tower's geometry; its weights are used
-            only when the checkpoint carries none.
-        dtype: "float32" or "bfloat16".
-        low_memory: stream decoder layers one at a time.
-
-    Raises:
-        LlavaConvertError: the checkpoint, its tower or its tokenizer cannot be read.
+    Arguments as `ReferenceModel`'s; the checkpoint, its family and its tower come from `original/`
+    (`open_original`, `find_vision_tower`: a SigLIP tower described minus its last layer; the checkpoint's own
+    tower weights, which the LLaVA-NeXT loader always runs).
     """
 
     clip_attention = LEGACY_CLIP_ATTENTION
 
     # -- construction ----------------------------------------------------------------------------------
-    # The checkpoint, its family and its tower come from `original/` (`open_original`, `find_vision_tower`: a
-    # SigLIP tower described minus its last layer, the checkpoint's own tower weights).
 
     @property
     def is_siglip(self) -> bool:
