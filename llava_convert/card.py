@@ -145,7 +145,7 @@ def quant_facts(config: dict[str, Any], spec=None) -> dict[str, Any] | None:
 
 
 def family(config: dict[str, Any]) -> str:
-    return "llava-next" if config.get("model_type") == "llava_next" else "llava"
+    return str(config.get("model_type") or "llava").replace("_", "-")  # llava, llava-next, llava-onevision
 
 
 def convert_facts(plan, output: Path, command: str | None) -> dict[str, Any]:
@@ -156,7 +156,9 @@ def convert_facts(plan, output: Path, command: str | None) -> dict[str, Any]:
     weights = [f.path for f in src.input_files() if f.role == "weights"]  # describe_dir keeps a folder's own
     source = describe_dir(src.path, weights, repo_id=src.repo_id)
     source["form"] = src.form
-    tables = ["llava.toml"] + ([] if src.tower_in_checkpoint else ["clip.toml"])
+    # The tables the plan's entries (and drops) come from, as the plan names them ("mappings/<table> rule #N").
+    rules = [*(e.rule for e in plan.entries), *(rule for _, rule in plan.dropped)]
+    tables = list(dict.fromkeys(Path(r.split()[0]).name for r in rules if r.startswith("mappings/")))
     spec = next((e.quant for e in plan.entries if getattr(e, "quant", None) is not None), None)
     return {
         "kind": "convert",

@@ -81,7 +81,16 @@ def feature_strategy(ckpt: OriginalCheckpoint) -> str:
 
 def image_seq_length(vision: dict[str, Any], strategy: str) -> int:
     n = (vision["image_size"] // vision["patch_size"]) ** 2
-    return n + (1 if strategy == "full" else 0)
+    cls = vision.get("model_type") != "siglip_vision_model"  # SigLIP has no CLS token
+    return n + (1 if strategy == "full" and cls else 0)
+
+
+def feature_layer_and_strategy(ckpt: OriginalCheckpoint) -> tuple[int, str]:
+    """`vision_feature_layer` and strategy: a SigLIP tower's features are the last hidden state of the
+    truncated encoder, every patch (the LLaVA-NeXT authors' SigLipVisionTower ignores mm_vision_select_*)."""
+    if ckpt.siglip:
+        return -1, "full"
+    return int(ckpt.config.get("mm_vision_select_layer", -2)), feature_strategy(ckpt)
 
 
 def check_next_supported(ckpt: OriginalCheckpoint, vision: dict[str, Any], pins: list | None = None) -> None:
@@ -124,12 +133,12 @@ def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> 
     building the class."""
     from transformers import LlavaConfig, LlavaNextConfig
 
-    if ckpt.family:
+    if ckpt.family and ckpt.architecture != "llava":
         return _next_family_config(ckpt, tower, vocab)
 
     text = text_config(ckpt, vocab)
     vision = vision_config(tower)
-    strategy = feature_strategy(ckpt)
+    layer, strategy = feature_layer_and_strategy(ckpt)
     projector = ckpt.projector_type
     mm_hidden = ckpt.config.get("mm_hidden_size")
     if mm_hidden is not None and mm_hidden != vision["hidden_size"]:
@@ -142,7 +151,7 @@ def llava_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Vocab) -> 
         vision_config=vision,
         image_token_index=vocab.image_token_id,
         projector_hidden_act="linear" if projector == "linear" else "gelu",
-        vision_feature_layer=int(ckpt.config.get("mm_vision_select_layer", -2)),
+        vision_feature_layer=layer,
         vision_feature_select_strategy=strategy,
         image_seq_length=image_seq_length(vision, strategy),
         multimodal_projector_bias=True,
@@ -200,10 +209,7 @@ def _next_family_config(ckpt: OriginalCheckpoint, tower: VisionTower, vocab: Voc
     tile = vision["image_size"]
     expanded = expand_pinpoints(pins, tile, where=str(cfg_path))
     check_next_supported(ckpt, vision, expanded)
-    if ckpt.siglip:
-        layer, strategy = -1, "full"
-    else:
-        layer, strategy = int(ckpt.config.get("mm_vision_select_layer", -2)), feature_strategy(ckpt)
+    layer, strategy = feature_layer_and_strategy(ckpt)
     common = dict(
         text_config=text,
         vision_config=vision,

@@ -33,7 +33,6 @@ from .readers import check_input_file
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 VIDEO_TOKEN = "<video>"  # LLaVA-OneVision's, right after <image>
-# The authors' SigLipImageProcessor (hard-coded): square resize, bicubic, 1/255, mean = std = 0.5.
 SIGLIP_MEAN_STD = [0.5, 0.5, 0.5]
 
 
@@ -322,22 +321,27 @@ def build_next_processor(
 ):
     """The tokenizer, image processor and processor settings reproducing the authors' image path and prompts
     for a LLaVA-NeXT-repository checkpoint: `(tokenizer, image_processor, processor_class, settings)`."""
-    from transformers import LlavaNextImageProcessor, LlavaOnevisionImageProcessor
+    from transformers import LlavaImageProcessor, LlavaNextImageProcessor, LlavaOnevisionImageProcessor
 
     tok = build_next_tokenizer(ckpt, vocab)
     template = template_for(chat_template, bos=ckpt.family == "llama3")
-    pins = hf_config["image_grid_pinpoints"]
     vision = hf_config["vision_config"]
-    if ckpt.siglip:
-        pre = tower.preprocessor
-        image_processor = LlavaOnevisionImageProcessor(
-            image_grid_pinpoints=pins,
-            size={"height": vision["image_size"], "width": vision["image_size"]},
-            image_mean=pre.get("image_mean", SIGLIP_MEAN_STD), image_std=pre.get("image_std", SIGLIP_MEAN_STD),
-            resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
-        )
+    pre = tower.preprocessor
+    # The authors' SigLipImageProcessor (hard-coded): a square resize, bicubic, 1/255, mean = std = 0.5.
+    siglip = dict(
+        size={"height": vision["image_size"], "width": vision["image_size"]},
+        image_mean=pre.get("image_mean", SIGLIP_MEAN_STD), image_std=pre.get("image_std", SIGLIP_MEAN_STD),
+        resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
+    )
+    if ckpt.architecture == "llava":  # the pretrain stage's square images: resized whole (no tiles, no pad)
+        kw = {**siglip, "do_center_crop": False} if ckpt.siglip else _image_kwargs(tower)
+        image_processor = LlavaImageProcessor(do_pad=False, **kw)
+    elif ckpt.siglip:
+        image_processor = LlavaOnevisionImageProcessor(image_grid_pinpoints=hf_config["image_grid_pinpoints"], **siglip)
     else:
-        image_processor = LlavaNextImageProcessor(image_grid_pinpoints=pins, **_image_kwargs(tower))
+        image_processor = LlavaNextImageProcessor(
+            image_grid_pinpoints=hf_config["image_grid_pinpoints"], **_image_kwargs(tower)
+        )
     settings: dict[str, Any] = {
         "vision_feature_select_strategy": hf_config["vision_feature_select_strategy"], "chat_template": template,
         "image_token": IMAGE_TOKEN,
@@ -347,7 +351,7 @@ def build_next_processor(
                         vision_aspect_ratio=hf_config["vision_aspect_ratio"], video_token=VIDEO_TOKEN)
         return tok, image_processor, "LlavaOnevisionProcessor", settings
     settings.update(patch_size=vision["patch_size"], num_additional_image_tokens=0 if ckpt.siglip else 1)
-    return tok, image_processor, "LlavaNextProcessor", settings
+    return tok, image_processor, "LlavaNextProcessor" if ckpt.architecture == "llava_next" else "LlavaProcessor", settings
 
 
 def write_next_processor(out: Path, tok, image_processor, processor_class: str, settings: dict[str, Any]) -> None:

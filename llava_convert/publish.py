@@ -26,11 +26,11 @@ from pathlib import Path
 
 from .card import CARD_NAME, REPORT_NAME, is_own_card, refresh_card, sha256_file
 from .errors import LlavaConvertError
+from .layouts import HF_MODEL_TYPES
 
 # Remote files of these kinds that the local directory lacks are stale shards of an earlier push: deleted.
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(partial|old)-\d+$")
-_HF_TYPES = ("llava", "llava_next")
 
 
 class HubTransferError(LlavaConvertError):
@@ -119,7 +119,7 @@ def check_conversion(directory: Path) -> list[Path]:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlavaConvertError(f"Cannot push {d}: {cfg_path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("model_type") not in _HF_TYPES:
+    if not isinstance(config, dict) or config.get("model_type") not in HF_MODEL_TYPES:
         got = config.get("model_type") if isinstance(config, dict) else None
         raise LlavaConvertError(
             f"Cannot push {d}: {cfg_path} has model_type {got!r}, not a Hugging Face llava / llava_next checkpoint"

@@ -371,3 +371,177 @@ def write_delta(
         state["model.mm_projector.bias"] = _rand(gen, HIDDEN)
     overrides = {"vocab_size": VOCAB + extra_rows, "mm_projector_type": "linear", **config_overrides}
     return write_original(root, name, fmt="safetensors", shards=1, projector="linear", state=state, **overrides)
+
+
+# --- The LLaVA-NeXT repository's layout (LLaVA-OneVision: Qwen2 + SigLIP, anyres_max_9, a pinpoint range) ------
+
+SIGLIP_ID = "google/siglip-so400m-patch14-384"
+SIGLIP_IMAGE, SIGLIP_PATCH = 384, 14  # the authors' SigLipVisionTower runs 384 px / patch 14 whatever the size
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def cache_repo(cache: Path, repo_id: str, src: Path) -> Path:
+    """Copy SRC into huggingface_hub's cache layout (models--org--name/{refs/main, snapshots/<commit>})."""
+    import hashlib
+
+    storage = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    shutil.copytree(src, storage / "snapshots" / commit)
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    return storage / "snapshots" / commit
+
+
+def write_qwen_tokenizer(path: Path) -> int:
+    """A small byte-level BPE tokenizer with Qwen's special tokens and file settings; returns its length."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a picture of a cat on a mat", "What is shown in this image?"] * 5, trainer=trainer)
+    tok.add_special_tokens(list(QWEN_SPECIALS))
+    fast = Qwen2TokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", unk_token=None,
+                              pad_token="<|endoftext|>")
+    fast.save_pretrained(str(path))
+    return len(fast)
+
+
+def siglip_vision_state(
+    gen: torch.Generator, *, hidden: int = V_HIDDEN, layers: int = V_LAYERS, inter: int = V_INTER,
+    prefix: str = "vision_model.", std: float = 0.2,
+) -> dict[str, torch.Tensor]:
+    """A SigLIP vision tower's tensors (384 px, patch 14: 729 positions), LAYERS encoder layers, no head."""
+    sd = {
+        prefix + "embeddings.patch_embedding.weight": _rand(gen, hidden, 3, SIGLIP_PATCH, SIGLIP_PATCH, std=std),
+        prefix + "embeddings.patch_embedding.bias": _rand(gen, hidden, std=std),
+        prefix + "embeddings.position_embedding.weight": _rand(gen, (SIGLIP_IMAGE // SIGLIP_PATCH) ** 2, hidden,
+                                                               std=std),
+        prefix + "post_layernorm.weight": _rand(gen, hidden, std=std),
+        prefix + "post_layernorm.bias": _rand(gen, hidden, std=std),
+    }
+    for i in range(layers):
+        p = f"{prefix}encoder.layers.{i}."
+        for n in ("q", "k", "v", "out"):
+            sd[p + f"self_attn.{n}_proj.weight"] = _rand(gen, hidden, hidden, std=std)
+            sd[p + f"self_attn.{n}_proj.bias"] = _rand(gen, hidden, std=std)
+        for n in ("layer_norm1", "layer_norm2"):
+            sd[p + f"{n}.weight"] = _rand(gen, hidden, std=std)
+            sd[p + f"{n}.bias"] = _rand(gen, hidden, std=std)
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = _rand(gen, inter, hidden, std=std), _rand(gen, inter, std=std)
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = _rand(gen, hidden, inter, std=std), _rand(gen, hidden, std=std)
+    return sd
+
+
+def write_siglip(path: Path, *, hidden: int = V_HIDDEN, layers: int = V_LAYERS, weights: bool = True,
+                 seed: int = 11) -> Path:
+    """A SigLIP tower directory as google/siglip-so400m-patch14-384 ships it (a SiglipModel save: its vision
+    half with the attention-pooling head, a text half, logit scale / bias), sizes shrunk."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["SiglipModel"], "model_type": "siglip",
+        "text_config": {"model_type": "siglip_text_model", "hidden_size": hidden, "intermediate_size": V_INTER,
+                        "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 32},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": hidden, "intermediate_size": V_INTER,
+                          "num_attention_heads": 4, "num_hidden_layers": layers, "image_size": SIGLIP_IMAGE,
+                          "patch_size": SIGLIP_PATCH},
+    }))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SiglipImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "resample": 3, "rescale_factor": 1 / 255, "size": {"height": SIGLIP_IMAGE, "width": SIGLIP_IMAGE},
+    }))
+    if weights:
+        gen = torch.Generator().manual_seed(seed)
+        sd = siglip_vision_state(gen, hidden=hidden, layers=layers)
+        sd.update({
+            "vision_model.head.probe": _rand(gen, 1, 1, hidden),
+            "vision_model.head.mlp.fc1.weight": _rand(gen, V_INTER, hidden),
+            "text_model.embeddings.token_embedding.weight": _rand(gen, 32, hidden),
+            "logit_scale": _rand(gen, 1), "logit_bias": _rand(gen, 1),
+        })
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def qwen_state(gen: torch.Generator, *, hidden: int = HIDDEN, inter: int = INTER, layers: int = LAYERS,
+               vocab: int = VOCAB, tied: bool = True, std: float = 0.2) -> dict[str, torch.Tensor]:
+    """A Qwen2 language model's tensors (q/k/v biases); no lm_head when TIED (as Qwen2-0.5B saves)."""
+    kv = KV_HEADS * hidden // HEADS
+    sd = {"model.embed_tokens.weight": _rand(gen, vocab, hidden, std=std), "model.norm.weight": _rand(gen, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n, out_f in (("q", hidden), ("k", kv), ("v", kv)):
+            sd[p + f"self_attn.{n}_proj.weight"] = _rand(gen, out_f, hidden, std=std)
+            sd[p + f"self_attn.{n}_proj.bias"] = _rand(gen, out_f, std=std)
+        sd[p + "self_attn.o_proj.weight"] = _rand(gen, hidden, hidden, std=std)
+        for n, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+            sd[p + f"mlp.{n}_proj.weight"] = _rand(gen, *shape, std=std)
+        sd[p + "input_layernorm.weight"] = _rand(gen, hidden)
+        sd[p + "post_attention_layernorm.weight"] = _rand(gen, hidden)
+    if not tied:
+        sd["lm_head.weight"] = _rand(gen, vocab, hidden, std=std)
+    return sd
+
+
+def qwen_config(*, hidden: int = HIDDEN, inter: int = INTER, layers: int = LAYERS, vocab: int = VOCAB,
+                tied: bool = True, **overrides) -> dict:
+    """config.json of a Qwen2 LLM (Qwen/Qwen2-0.5B-Instruct's fields, sizes shrunk)."""
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": layers,
+        "tie_word_embeddings": tied, "vocab_size": vocab, "bos_token_id": 300, "eos_token_id": 302,
+        "torch_dtype": "bfloat16",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def onevision_config(**overrides) -> dict:
+    """config.json of a LLaVA-OneVision checkpoint (lmms-lab/llava-onevision-qwen2-0.5b-ov's fields)."""
+    cfg = qwen_config(
+        architectures=["LlavaQwenForCausalLM"], model_type="llava", image_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints="(1x1),...,(6x6)", mm_patch_merge_type="spatial_unpad", mm_projector_type="mlp2x_gelu",
+        mm_hidden_size=V_HIDDEN, mm_vision_tower=SIGLIP_ID, mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch", mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,mm_language_model",
+        mm_use_im_patch_token=False, mm_use_im_start_end=False, tokenizer_model_max_length=32768,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def onevision_state(gen: torch.Generator, *, hidden: int = HIDDEN, inter: int = INTER, layers: int = LAYERS,
+                    vocab: int = VOCAB, tied: bool = True, v_hidden: int = V_HIDDEN, v_layers: int = V_LAYERS,
+                    std: float = 0.2) -> dict[str, torch.Tensor]:
+    """A OneVision checkpoint's tensors: Qwen2, projector, image_newline, the SigLIP tower minus its last layer."""
+    sd = qwen_state(gen, hidden=hidden, inter=inter, layers=layers, vocab=vocab, tied=tied, std=std)
+    sd.update({
+        "model.mm_projector.0.weight": _rand(gen, hidden, v_hidden, std=std),
+        "model.mm_projector.0.bias": _rand(gen, hidden, std=std),
+        "model.mm_projector.2.weight": _rand(gen, hidden, hidden, std=std),
+        "model.mm_projector.2.bias": _rand(gen, hidden, std=std),
+        "model.image_newline": _rand(gen, hidden, std=std),
+    })
+    sd.update(siglip_vision_state(gen, hidden=v_hidden, layers=v_layers - 1,
+                                  prefix="model.vision_tower.vision_tower.vision_model.", std=std))
+    return sd
+
+
+def write_onevision(root: Path, name: str = "llava-onevision-qwen2-tiny-ov", *, cache: Path, shards: int = 1,
+                    state: dict[str, torch.Tensor] | None = None, seed: int = 0, v_hidden: int = V_HIDDEN,
+                    **config_overrides) -> Path:
+    """A tiny OneVision checkpoint (its trained tower inside); the SigLIP tower's config served from CACHE under
+    its Hub id, as `mm_vision_tower` names it."""
+    if not (cache / ("models--" + SIGLIP_ID.replace("/", "--"))).exists():
+        cache_repo(cache, SIGLIP_ID, write_siglip(root / "siglip-hub", hidden=v_hidden, weights=True))
+    ckpt = root / name
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps(onevision_config(mm_hidden_size=v_hidden, **config_overrides), indent=2))
+    assert write_qwen_tokenizer(ckpt) + 2 <= VOCAB
+    write_state(ckpt, state if state is not None else onevision_state(torch.Generator().manual_seed(seed)),
+                fmt="safetensors", shards=shards)
+    return ckpt

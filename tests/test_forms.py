@@ -12,12 +12,15 @@ import pytest
 import torch
 from builders import (
     HIDDEN,
+    V_LAYERS,
     VOCAB,
+    cache_repo,
     llm_state,
     lora_factors,
     write_base,
     write_delta,
     write_lora,
+    write_onevision,
     write_original,
     write_projector,
 )
@@ -687,3 +690,140 @@ def test_revision_needs_a_hub_id(tmp_path):
     assert _error(tmp_path, ckpt, "--revision", "v2") == (
         f"Error: --revision v2: SOURCE {ckpt} is a local directory, not a Hub repo id"
     )
+
+
+# --- The LLaVA-NeXT repository's families in every source form (built tiny, OneVision-shaped) ------------
+
+
+def _onevision_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()}
+
+
+def test_onevision_lora_with_base_merges_and_converts(tmp_path, hub_cache):
+    """A OneVision LoRA run (LLaVA-NeXT's train.py: adapter + non_lora_trainables.bin holding the projector,
+    image_newline and the tuned SigLIP tower) with its Qwen2 base: merged as the authors' loader does."""
+    from builders import onevision_config, onevision_state, qwen_config, write_qwen_tokenizer
+
+    write_onevision(tmp_path / "full", cache=hub_cache)  # serves the SigLIP tower's config from the cache
+    full = onevision_state(torch.Generator().manual_seed(3))
+    base = tmp_path / "Qwen2-tiny-Instruct"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(qwen_config()))
+    write_qwen_tokenizer(base)
+    llm = {k: v for k, v in full.items() if k.startswith(("model.layers.", "model.embed_tokens", "model.norm"))}
+    save_file(llm, str(base / "model.safetensors"))
+    lora = tmp_path / "llava-onevision-qwen2-tiny-ov-lora"
+    lora.mkdir()
+    (lora / "config.json").write_text(json.dumps(onevision_config()))
+    (lora / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "Qwen/Qwen2-0.5B-Instruct",
+        "r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": ["q_proj", "v_proj"], "modules_to_save": None, "inference_mode": True,
+    }))
+    factors = lora_factors(torch.Generator().manual_seed(4), targets=("q_proj", "v_proj"))
+    save_file(factors, str(lora / "adapter_model.safetensors"))
+    trained = {k: v for k, v in full.items() if k not in llm}
+    torch.save({"base_model.model." + k: v for k, v in trained.items()}, lora / "non_lora_trainables.bin")
+
+    out = tmp_path / "hf"
+    r = run("convert", lora, out, "--base", base, "--dtype", "float32", "--quiet")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
+    assert cfg["vision_config"]["num_hidden_layers"] == V_LAYERS - 1 and cfg["tie_word_embeddings"] is True
+    got = _onevision_tensors(out)
+    a = factors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].float()
+    b = factors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].float()
+    merged = llm["model.layers.1.self_attn.q_proj.weight"].float() + (8 / 4) * b @ a
+    assert torch.allclose(got["language_model.model.layers.1.self_attn.q_proj.weight"], merged, atol=1e-3)
+    assert torch.equal(got["language_model.model.layers.1.self_attn.q_proj.bias"],
+                       llm["model.layers.1.self_attn.q_proj.bias"].float())
+    assert torch.equal(got["image_newline"], trained["model.image_newline"].float())
+    tower = "vision_tower.vision_model.encoder.layers.1.mlp.fc2.weight"
+    assert torch.equal(got[tower], trained["model.vision_tower.vision_tower." + tower[len("vision_tower."):]].float())
+    assert "language_model.lm_head.weight" not in got  # tied, as released
+
+
+def test_onevision_checkpoint_n_and_hub_id_convert_as_the_folder(tmp_path, hub_cache):
+    """A `checkpoint-N` folder of a OneVision run, and the same checkpoint given by Hub repo id (HF cache),
+    convert to the very tensors and files of the plain folder."""
+    ckpt = write_onevision(tmp_path, "llava-onevision-qwen2-tiny-ov", cache=hub_cache)
+    step = tmp_path / "run" / "llava-onevision-qwen2-tiny-ov" / "checkpoint-50"
+    shutil.copytree(ckpt, step)
+    cache_repo(hub_cache, "lmms-lab/llava-onevision-qwen2-tiny-ov", ckpt)
+    outs = {}
+    for label, source in (("folder", ckpt), ("step", step), ("hub", "lmms-lab/llava-onevision-qwen2-tiny-ov")):
+        outs[label] = tmp_path / f"hf-{label}"
+        r = run("convert", source, outs[label], "--quiet")
+        assert r.exit_code == 0, (label, r.output)
+    plan = plan_conversion(step)
+    assert plan.source.family == "onevision" and plan.source.name == "llava-onevision-qwen2-tiny-ov_checkpoint-50"
+    assert plan.chat_template == "qwen_1_5"
+    ref = _onevision_tensors(outs["folder"])
+    for label in ("step", "hub"):
+        got = _onevision_tensors(outs[label])
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), label
+        for name in ("config.json", "chat_template.jinja", "preprocessor_config.json", "tokenizer.json"):
+            assert (outs[label] / name).read_text() == (outs["folder"] / name).read_text(), (label, name)
+
+
+def test_onevision_pretrain_projector_with_base_converts_with_the_hub_siglip_tower(tmp_path, hub_cache):
+    """The LLaVA-NeXT pretrain stage (`mm_tunable_parts: mm_mlp_adapter`, square images, flat merge: plain LLaVA
+    on Qwen2 + SigLIP) saves mm_projector.bin only: with --base, the tower comes from the Hub id (weights from
+    the cache), minus its last layer and head as the authors run it; the result loads and runs in transformers."""
+    from builders import (
+        SIGLIP_ID,
+        onevision_config,
+        qwen_config,
+        qwen_state,
+        write_qwen_tokenizer,
+        write_siglip,
+    )
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    hub_tower = cache_repo(hub_cache, SIGLIP_ID, write_siglip(tmp_path / "siglip", weights=True))
+    base = tmp_path / "Qwen2-tiny-Instruct"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(qwen_config()))
+    write_qwen_tokenizer(base)
+    save_file(qwen_state(torch.Generator().manual_seed(5)), str(base / "model.safetensors"))
+    proj = tmp_path / "llavanext-siglip-qwen2-tiny-mlp2x_gelu-pretrain_blip558k_plain"
+    proj.mkdir()
+    (proj / "config.json").write_text(json.dumps(onevision_config(
+        image_aspect_ratio="square", mm_patch_merge_type="flat", mm_tunable_parts="mm_mlp_adapter",
+        image_grid_pinpoints=None,
+    )))
+    gen = torch.Generator().manual_seed(6)
+    projector = {"model.mm_projector.0.weight": torch.randn(HIDDEN, 32, generator=gen),
+                 "model.mm_projector.0.bias": torch.randn(HIDDEN, generator=gen),
+                 "model.mm_projector.2.weight": torch.randn(HIDDEN, HIDDEN, generator=gen),
+                 "model.mm_projector.2.bias": torch.randn(HIDDEN, generator=gen)}
+    torch.save({k: v.to(torch.bfloat16) for k, v in projector.items()}, proj / "mm_projector.bin")
+
+    out = tmp_path / "hf"
+    r = run("convert", proj, out, "--base", base, "--dtype", "float32", "--quiet")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
+    assert cfg["vision_config"]["model_type"] == "siglip_vision_model"
+    assert cfg["vision_config"]["num_hidden_layers"] == V_LAYERS - 1 and cfg["vision_feature_layer"] == -1
+    got = _onevision_tensors(out)
+    hub = load_file(str(hub_tower / "model.safetensors"))
+    assert not any(k.startswith(f"vision_tower.vision_model.encoder.layers.{V_LAYERS - 1}.") for k in got)
+    assert not any(".head." in k for k in got)
+    for k in ("encoder.layers.1.mlp.fc1.weight", "post_layernorm.bias", "embeddings.position_embedding.weight"):
+        assert torch.equal(got["vision_tower.vision_model." + k], hub["vision_model." + k].float()), k
+    assert torch.equal(got["multi_modal_projector.linear_2.weight"],
+                       projector["model.mm_projector.2.weight"].to(torch.bfloat16).float())
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(out))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    inputs = processor(images=Image.new("RGB", (500, 300), (120, 30, 200)), text=prompt, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist().count(cfg["image_token_index"]) == 729  # 27 x 27 patches, no CLS
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()

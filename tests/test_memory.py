@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +78,46 @@ def test_peak_anonymous_memory_bounded_by_largest_tensor(tmp_path, fmt, dtype):
     print(f"growth {growth / MB:.1f} MB")
     assert growth < bound, f"anonymous memory grew {growth / MB:.1f} MB (bound {bound / MB:.1f} MB, model {total / MB:.0f} MB)"
     assert growth < total / 2  # a whole-shard load could not pass
+
+
+@pytest.mark.slow
+def test_peak_memory_bounded_for_onevision_checkpoint(tmp_path):
+    """The LLaVA-NeXT repository's layout (OneVision: Qwen2 with q/k/v biases, tied embeddings without lm_head,
+    the trained SigLIP tower minus its last layer inside, its config from `mm_vision_tower`'s Hub id in the HF
+    cache, anyres_max_9, a pinpoint range) streams too: ~200 MB in ONE shard, peak bounded by the largest tensor."""
+    from builders import onevision_state, write_onevision
+
+    hidden, inter, layers, vocab = 1024, 2048, 10, 448
+    sd = onevision_state(torch.Generator().manual_seed(0), hidden=hidden, inter=inter, layers=layers, vocab=vocab,
+                         v_hidden=64, std=0.02)
+    total, largest = sum(t.nbytes for t in sd.values()), max(t.nbytes for t in sd.values())
+    assert total > 180 * MB and largest == 4 * MB
+    cache = tmp_path / "hf-cache"
+    ckpt = write_onevision(tmp_path, "llava-onevision-qwen2-big-ov", cache=cache, state=sd, hidden_size=hidden,
+                           intermediate_size=inter, num_hidden_layers=layers, max_window_layers=layers,
+                           vocab_size=vocab, v_hidden=64)
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        f"""
+        import sys, json
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from memwatch import PeakAnon
+        from llava_convert.convert import convert, plan_conversion
+        plan = plan_conversion({str(ckpt)!r})  # warm imports and caches outside the measured window
+        assert plan.config["architectures"] == ["LlavaOnevisionForConditionalGeneration"], plan.config
+        with PeakAnon() as m:
+            convert({str(ckpt)!r}, {str(out)!r}, progress=False)
+        print(json.dumps({{"growth": m.growth}}))
+        """
+    )
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
+    bound = 3 * largest + 64 * MB
+    print(f"growth {growth / MB:.1f} MB")
+    assert growth < bound, f"anonymous memory grew {growth / MB:.1f} MB (bound {bound / MB:.1f} MB, model {total / MB:.0f} MB)"
+    assert growth < total / 2
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_config"]["num_hidden_layers"] == 2 and cfg["vision_aspect_ratio"] == "anyres_max_9"
+    assert len(cfg["image_grid_pinpoints"]) == 36

@@ -124,8 +124,8 @@ class OriginalCheckpoint:
         """`llava_onevision` (anyres_max_N), `llava_next` when the checkpoint tiles images (anyres), else `llava`."""
         if self.family == "onevision":
             return "llava_onevision"
-        if self.family:
-            return "llava_next"
+        if self.family:  # anyres, or the pretrain stage's square images (plain LLaVA)
+            return "llava_next" if str(self.config.get("image_aspect_ratio", "")).startswith("anyres") else "llava"
         return "llava_next" if self.config.get("image_aspect_ratio") == "anyres" else "llava"
 
     @property
