@@ -128,6 +128,10 @@ class NextReferenceModel(ReferenceModel):
             refs = {k: r for k, r in refs.items() if not k.startswith(f"vision_model.encoder.layers.{last}.")}
         return refs
 
+    def _directory_tower_refs(self) -> dict[str, TensorRef]:
+        # A checkpoint without its tower (projector-only): the Hub SigLIP tower as the authors load it.
+        return self._hub_tower_refs(whole=False) if self.is_siglip else super()._directory_tower_refs()
+
     def stray_tower_refs(self) -> dict[str, TensorRef] | None:
         return None  # the authors' NeXT loader always runs the checkpoint's own tower
 
