@@ -4,7 +4,8 @@ decoder layer at a time.
 `load_into` assigns a whole module's weights (every parameter must be given, with its shape);
 `load_outside` all but one prefix, which `LayerStreamer` then materialises layer by layer around each
 forward (weights held: the largest layer, not the model); `materialize_buffers` fills the non-persistent
-buffers a meta-device build leaves empty. The weights are `readers.TensorRef`s, read when assigned.
+buffers a meta-device build leaves empty. The weights are `readers.TensorRef`s, read when assigned
+(`RowSlice`: the first rows of one, as `resize_token_embeddings` shrinks a padded vocabulary).
 """
 
 from __future__ import annotations
@@ -19,17 +20,30 @@ from .readers import TensorRef
 
 
 def materialize_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers a meta-device build leaves empty: rotary tables, CLIP position ids."""
+    """Non-persistent buffers a meta-device build leaves empty: rotary tables, CLIP / SigLIP position ids."""
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
             fresh = type(module)(config=module.config)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, fresh)
-        elif type(module).__name__ == "CLIPVisionEmbeddings":
+        elif type(module).__name__ in ("CLIPVisionEmbeddings", "SiglipVisionEmbeddings"):
             module.register_buffer(
                 "position_ids", torch.arange(module.num_positions).expand((1, -1)), persistent=False
             )
+
+
+class RowSlice:
+    """The first ROWS rows of a lazily read tensor (what `resize_token_embeddings` keeps when it shrinks)."""
+
+    def __init__(self, ref: TensorRef, rows: int):
+        self.ref, self.rows = ref, rows
+        self.shape = (rows, *tuple(ref.shape)[1:])
+        self.path = ref.path
+        self.dtype = ref.dtype
+
+    def load(self) -> torch.Tensor:
+        return self.ref.load()[: self.rows]
 
 
 def load_as(ref: TensorRef, dtype: torch.dtype) -> torch.Tensor:

@@ -32,12 +32,14 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
+    AttentionInterface,
     AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionModel,
     GenerationConfig,
     LlamaForCausalLM,
     MistralForCausalLM,
+    Qwen2ForCausalLM,
 )
 
 from .authors import config as authors_config
@@ -60,9 +62,9 @@ from .errors import LlavaConvertError, MappingError
 from .lazy import LayerStreamer, load_as, load_into, load_outside, materialize_buffers
 from .logs import quiet
 from .mapping import load_table, map_tensors
-from .original import SUPPORTED_MLP, open_original, read_json
+from .original import SUPPORTED_MLP, OriginalCheckpoint, open_original, read_json
 from .original.merge import read_tensors
-from .original.tower import find_vision_tower
+from .original.tower import VisionTower, find_vision_tower
 from .plan import DTYPES
 from .readers import TensorRef, read_checkpoint, weight_files
 
@@ -72,6 +74,28 @@ PROJECTOR_PREFIX = "model.mm_projector."
 # The attention kernels the authors' stack (transformers 4.36) picks: SDPA in Llama/Mistral, eager in CLIP.
 TEXT_ATTENTION = "sdpa"
 VISION_ATTENTION = "eager"
+
+LEGACY_CLIP_ATTENTION = "llava_legacy_clip"
+
+
+def legacy_clip_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """CLIPAttention as transformers 4.37-4.40 compute it (the LLaVA-NeXT authors' stack): queries scaled BEFORE
+    the product, batched `bmm` per head, softmax in the input dtype. transformers 5's eager kernel scales after
+    the product, which differs in the last float32 bits (~5e-7 relative; on a CLIP-tower checkpoint ~1.5e-4 in
+    the logits). Registered with transformers as `llava_legacy_clip` (`config._attn_implementation`)."""
+    b, h, t, d = query.shape
+    q = (query * scaling).reshape(b * h, t, d)
+    k = key.reshape(b * h, -1, d)
+    v = value.reshape(b * h, -1, d)
+    weights = torch.bmm(q, k.transpose(1, 2))
+    if attention_mask is not None:
+        weights = (weights.view(b, h, t, -1) + attention_mask).view(b * h, t, -1)
+    weights = nn.functional.softmax(weights, dim=-1)
+    out = torch.bmm(weights, v).view(b, h, t, d).transpose(1, 2).contiguous()
+    return out, None
+
+
+AttentionInterface.register(LEGACY_CLIP_ATTENTION, legacy_clip_attention)
 
 # Greedy decoding with the sampling settings cleared: how both sides of `check` generate.
 GREEDY = {"do_sample": False, "num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
@@ -194,6 +218,9 @@ class ReferenceModel:
         vision_tower: local CLIP directory (default: the config's `mm_vision_tower` when it is a local path).
         dtype: compute dtype, "float32" or "bfloat16".
         low_memory: stream decoder layers one at a time instead of holding the language model.
+        base, delta: the base LLM of a LoRA / projector-only / delta checkpoint; force or rule out delta.
+        clip_attention: the CLIP tower's attention kernel (default: the class's `clip_attention`, the one of
+            the authors' transformers).
 
     Raises:
         LlavaConvertError: the checkpoint, its tower or its tokenizer cannot be read.
@@ -212,17 +239,12 @@ class ReferenceModel:
         low_memory: bool = False,
         base: Path | str | None = None,
         delta: bool | None = None,
+        clip_attention: str | None = None,
     ):
-        # Any form (LoRA / projector-only / delta: the merged model the authors' loader builds, tensor by
-        # tensor), also with projectors the converter refuses (`mlp{N}x_gelu` N != 2, `identity`): the
-        # reference runs them as the authors do. Without --base or --delta, a full checkpoint whatever its name.
-        self.ckpt = open_original(
-            path, base=base, delta=delta if base is not None or delta else False, representable=False
-        )
+        if clip_attention is not None:
+            self.clip_attention = clip_attention
+        self.ckpt, self.tower = self._open(path, vision_tower=vision_tower, base=base, delta=delta)
         self.tensors, _ = read_tensors(self.ckpt)
-        if vision_tower is not None and Path(vision_tower).exists():
-            vision_tower = Path(vision_tower)
-        self.tower = find_vision_tower(self.ckpt, vision_tower)
         self.config = self.ckpt.config
         self.cfg_path = self.ckpt.path / "config.json"
         self.dtype = DTYPES[dtype]
@@ -242,18 +264,13 @@ class ReferenceModel:
             added = authors_added_tokens(self.config, self.tokenizer)
             if added:
                 self.tokenizer.add_tokens(list(added), special_tokens=True)
-            try:
-                self.image_processor = CLIPImageProcessorPil.from_pretrained(str(self.tower.path))
-            except Exception as e:  # noqa: BLE001
-                raise LlavaConvertError(
-                    f"{self.tower.path / 'preprocessor_config.json'}: cannot build the CLIP image processor ({e})"
-                ) from None
+        self.image_processor = self._image_processor()
         embed = self.tensors.get("model.embed_tokens.weight")
         if embed is None:
             raise LlavaConvertError(
                 f"{self.ckpt.path}: no model.embed_tokens.weight in the checkpoint weights"
             )
-        self.vocab_size = embed.shape[0]
+        self.vocab_size = self._vocab_rows(embed)
         self.hidden_size = embed.shape[1]
         self.vision = self._build_vision(self._tower_refs(), where=self._tower_where())
         self.vision_config = self.vision.config
@@ -264,6 +281,32 @@ class ReferenceModel:
         self.recorder = Recorder(self.lm.model.layers, self.lm.model.norm)
 
     # -- construction ----------------------------------------------------------------------------------
+
+    def _open(self, path, *, vision_tower, base, delta) -> tuple[OriginalCheckpoint, VisionTower]:
+        """The checkpoint and its tower (hook)."""
+        # Any form (LoRA / projector-only / delta: the merged model the authors' loader builds, tensor by
+        # tensor), also with projectors the converter refuses (`mlp{N}x_gelu` N != 2, `identity`): the
+        # reference runs them as the authors do. Without --base or --delta, a full checkpoint whatever its name.
+        ckpt = open_original(
+            path, base=base, delta=delta if base is not None or delta else False, representable=False
+        )
+        if vision_tower is not None and Path(vision_tower).exists():
+            vision_tower = Path(vision_tower)
+        return ckpt, find_vision_tower(ckpt, vision_tower)
+
+    def _image_processor(self):
+        """The tower's image processor (hook): CLIP's, from its `preprocessor_config.json`."""
+        with quiet():
+            try:
+                return CLIPImageProcessorPil.from_pretrained(str(self.tower.path))
+            except Exception as e:  # noqa: BLE001
+                raise LlavaConvertError(
+                    f"{self.tower.path / 'preprocessor_config.json'}: cannot build the CLIP image processor ({e})"
+                ) from None
+
+    def _vocab_rows(self, embed: TensorRef) -> int:
+        """Rows of the vocabulary the authors' model computes logits over (hook): the original's, unpadded."""
+        return embed.shape[0]
 
     def _tower_where(self) -> str:
         return str(self.ckpt.path) if self.ckpt.tower_in_checkpoint else str(self.tower.path)
@@ -300,9 +343,11 @@ class ReferenceModel:
         except LlavaConvertError:
             return None
 
+    clip_attention = VISION_ATTENTION  # the CLIP tower's attention kernel (hook: LLaVA-NeXT's is older)
+
     def _build_vision(self, refs: dict[str, TensorRef], *, where: str):
         cfg = authors_config.vision_config(self.tower)
-        cfg._attn_implementation = VISION_ATTENTION
+        cfg._attn_implementation = self.clip_attention
         with torch.device("meta"):
             model = CLIPVisionModel(cfg)
         load_into(model, clip_vision_state(refs, where=where), self.dtype, where=where)
@@ -320,7 +365,8 @@ class ReferenceModel:
         load_into(proj, refs, self.dtype, where=f"{self.ckpt.path} (model.mm_projector, {ptype})")
         return proj.eval()
 
-    def _build_language_model(self):
+    def _language_model_class(self):
+        """The language model's class and config (hook: the LLaVA-NeXT families add Qwen2)."""
         # The original vocabulary, unpadded; the config's pad id only where it is one of its rows.
         pad = self.config.get("pad_token_id")
         cfg = authors_config.text_config(
@@ -331,7 +377,17 @@ class ReferenceModel:
             where=self.cfg_path,
         )
         cfg._attn_implementation = TEXT_ATTENTION
-        cls = MistralForCausalLM if self.ckpt.backbone == "mistral" else LlamaForCausalLM
+        classes = {"mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+        return classes.get(self.ckpt.backbone, LlamaForCausalLM), cfg
+
+    def _language_model_refs(self, refs: dict[str, TensorRef], cfg) -> dict[str, TensorRef]:
+        """The language model's weights as its state dict names them (hook); a tied lm_head is the embedding."""
+        if "lm_head.weight" not in refs and cfg.tie_word_embeddings:
+            refs["lm_head.weight"] = refs["model.embed_tokens.weight"]
+        return refs
+
+    def _build_language_model(self):
+        cls, cfg = self._language_model_class()
         with quiet(), torch.device("meta"):
             lm = cls(cfg)
         refs = {
@@ -341,8 +397,7 @@ class ReferenceModel:
             # transformers < 4.31 saved the rotary tables; the authors' 4.36 loader ignores them.
             and not k.endswith("rotary_emb.inv_freq")
         }
-        if "lm_head.weight" not in refs and cfg.tie_word_embeddings:
-            refs["lm_head.weight"] = refs["model.embed_tokens.weight"]
+        refs = self._language_model_refs(refs, cfg)
         where = str(self.ckpt.path)
         streamer = None
         if self.low_memory:
@@ -373,13 +428,14 @@ class ReferenceModel:
         """`tokenizer_image_token(prompt)`: prompt ids with one -200 per `<image>`."""
         return tokenizer_image_token(prompt, self.tokenizer)
 
-    def pixel_values(self, image: Image.Image) -> torch.Tensor:
-        """`process_images([image], image_processor, config)`."""
+    def pixel_values(self, image: Image.Image, pinpoints=None) -> torch.Tensor:
+        """`process_images([image], image_processor, config)`; PINPOINTS (default: the config's) for the
+        checker's alternatives."""
         return process_image(
             image.convert("RGB"),
             self.image_processor,
             self.config.get("image_aspect_ratio"),
-            self.config.get("image_grid_pinpoints"),
+            self.config.get("image_grid_pinpoints") if pinpoints is None else pinpoints,
         )
 
     def _select(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -389,6 +445,10 @@ class ReferenceModel:
         if select == "cls_patch":
             return hidden
         raise LlavaConvertError(f"{self.cfg_path}: unknown mm_vision_select_feature {select!r}")
+
+    def _select_layer(self) -> int:
+        """The tower's hidden_states index the features come from (hook)."""
+        return int(self.config.get("mm_vision_select_layer", -2))
 
     @torch.inference_mode()
     def vision_hidden_states(self, pixel_values: torch.Tensor, tower: nn.Module | None = None) -> tuple:
@@ -403,7 +463,7 @@ class ReferenceModel:
         pv = self.pixel_values(image)
         hs = self.vision_hidden_states(pv)
         n = len(hs)
-        layer = int(self.config.get("mm_vision_select_layer", -2))
+        layer = self._select_layer()
         if not -n <= layer < n:
             raise LlavaConvertError(
                 f"{self.cfg_path}: mm_vision_select_layer {layer} outside the tower's {n - 1} layers"
@@ -450,7 +510,7 @@ class ReferenceModel:
                 f"{self.cfg_path}: {base.shape[0]} features per crop, not a {side}x{side} grid "
                 "(mm_vision_select_feature cls_patch cannot be merged spatially)"
             )
-        if aspect != "anyres":
+        if not str(aspect).startswith("anyres"):
             raise LlavaConvertError(f"{self.cfg_path}: spatial merging needs image_aspect_ratio anyres")
         cols, rows_ = get_anyres_image_grid_shape(
             image_size, self.config["image_grid_pinpoints"], self.vision_config.image_size
@@ -458,7 +518,7 @@ class ReferenceModel:
         t = tiles.view(rows_, cols, side, side, -1)
         if unpad:
             t = t.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
-            t = unpad_image(t, image_size)
+            t = self._unpadded(t, image_size, side)
             nl = self.image_newline[:, None, None].expand(*t.shape[:-1], 1).to(t.dtype)
             marker = torch.zeros(1, *t.shape[1:], dtype=t.dtype)
             marker = torch.cat((marker, torch.ones(1, t.shape[1], 1, dtype=t.dtype)), dim=-1)
@@ -472,6 +532,10 @@ class ReferenceModel:
         rows = torch.cat((torch.zeros(base.shape[0], dtype=torch.bool), is_nl))
         assert feat.shape[-1] == hidden
         return feat, rows
+
+    def _unpadded(self, grid: torch.Tensor, image_size: tuple[int, int], side: int) -> torch.Tensor:
+        """The `[C, H, W]` tile grid with the padding removed (hook: LLaVA-NeXT also downscales it)."""
+        return unpad_image(grid, image_size)
 
     @torch.inference_mode()
     def embed(self, input_ids: list[int], merged: torch.Tensor) -> torch.Tensor:

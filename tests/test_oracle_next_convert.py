@@ -43,26 +43,8 @@ from next_images import test_images_next  # noqa: E402
 
 from llava_convert.check.converted import collapse_image_tokens  # noqa: E402
 
-try:  # importing it registers the attention function with transformers
-    from llava_convert.reference import LEGACY_CLIP_ATTENTION  # noqa: E402
-except ImportError:
-    # The same function as llava_convert.reference's, for a package that does not define it yet.
-    from torch import nn  # noqa: E402
-    from transformers import AttentionInterface  # noqa: E402
-
-    LEGACY_CLIP_ATTENTION = "llava_legacy_clip"
-
-    def _legacy_clip_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        b, h, t, d = query.shape
-        q = (query * scaling).reshape(b * h, t, d)
-        weights = torch.bmm(q, key.reshape(b * h, -1, d).transpose(1, 2))
-        if attention_mask is not None:
-            weights = (weights.view(b, h, t, -1) + attention_mask).view(b * h, t, -1)
-        weights = nn.functional.softmax(weights, dim=-1)
-        out = torch.bmm(weights, value.reshape(b * h, -1, d)).view(b, h, t, d).transpose(1, 2).contiguous()
-        return out, None
-
-    AttentionInterface.register(LEGACY_CLIP_ATTENTION, _legacy_clip_attention)
+# Importing it registers the attention function with transformers.
+from llava_convert.reference import LEGACY_CLIP_ATTENTION  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 

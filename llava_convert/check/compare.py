@@ -12,6 +12,7 @@ import torch
 
 from ..authors.templates import CONV_TEMPLATES, authors_prompt
 from ..reference import ImageStages
+from ..reference_next import HINTS as NEXT_HINTS
 from .converted import ConvertedRun, collapse_image_tokens
 from .original import OriginalRun
 from .report import ImageReport, StageDiff, Thresholds
@@ -135,9 +136,20 @@ def _prompt_ids(
     )
     st.rows.append(StageDiff("prompt ids", ids_match))
     if not ids_match:
-        st.hints["prompt ids"] = _template_hint(conv, question)
+        st.hints["prompt ids"] = _bos_hint(orig.input_ids, conv_text) or _template_hint(conv, question)
         rep.notes.append("the figures below are computed on the authors' prompt ids")
     return rep
+
+
+def _bos_hint(original: list[int], converted: list[int]) -> str | None:
+    """The converted prompt lacks the second of the authors' two BOS (llava_llama_3)."""
+    if len(original) >= 2 and original[0] == original[1] and converted == original[1:]:
+        return (
+            "prompt ids differ: one BOS where the authors have two (llava_llama_3: the rendered prompt starts "
+            "with <|begin_of_text|> and the Llama-3 tokenizer adds its own); the converted chat template must "
+            "reproduce the double BOS"
+        )
+    return None
 
 
 def _template_hint(conv: ConvertedRun, question: str) -> str:
@@ -293,6 +305,9 @@ def _pixel_hint(orig: OriginalRun, c_flat: torch.Tensor, t: Thresholds, anyres: 
             a = a.reshape(-1, *a.shape[-3:])
             if a.shape == c_flat.shape and float((a - c_flat).abs().max()) <= t.pixel_atol:
                 return text
+    hint = _next_hint(alt, "pixel_values:", c_flat, lambda a, b: float((a - b).abs().max()) <= t.pixel_atol)
+    if hint:
+        return hint
     transposed = alt.get("pixel_values:pinpoints_hw")
     if transposed is not None:
         transposed = transposed.reshape(-1, *transposed.shape[-3:])
@@ -322,6 +337,9 @@ def _vision_hint(s: ImageStages, got: torch.Tensor | None, st: _Stages) -> str |
                 f"vision_feature_layer off by one? (the converted features are the authors' "
                 f"hidden_states[{i - s.num_hidden_states}], not [{s.select_layer - s.num_hidden_states}])"
             )
+    hint = _next_hint(s.alternatives, "vision:", got, st.close)
+    if hint:
+        return hint
     if "vision:stock" in s.alternatives and st.close(s.alternatives["vision:stock"], got):
         return "stock CLIP instead of the checkpoint's fine-tuned tower?"
     if "vision:stray" in s.alternatives and st.close(s.alternatives["vision:stray"], got):
@@ -343,9 +361,25 @@ def _projector_hint(s: ImageStages, got: torch.Tensor | None, st: _Stages) -> st
     return "projector weights differ (linear_1/linear_2 mapping?)"
 
 
+def _next_hint(alternatives: dict, stage: str, got: torch.Tensor, close: Callable) -> str | None:
+    """The LLaVA-NeXT families' known mistakes (`reference_next.HINTS`) that the converted STAGE output matches."""
+    for key, text in NEXT_HINTS.items():
+        a = alternatives.get(key)
+        if not key.startswith(stage) or a is None:
+            continue
+        if stage == "pixel_values:":  # as `_pixel_values` does: the converted crops cut to the original's count
+            a = a.reshape(-1, *a.shape[-3:])[: got.shape[0]]
+        if a.shape == got.shape and close(a, got):
+            return text
+    return None
+
+
 def _merge_hint(s: ImageStages, got: torch.Tensor | None) -> str | None:
     if got is None:
         return None
+    hint = _next_hint(s.alternatives, "merge:", got, lambda a, b: float((a.float() - b.float()).abs().max()) <= 1e-3)
+    if hint:
+        return hint
     if got.shape != s.merged.shape:
         return "a different number of image features (anyres grid or unpadding: image_grid_pinpoints?)"
     rows = s.newline_rows

@@ -6,13 +6,24 @@ logits."""
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    LlavaOnevisionProcessor,
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+)
 
 from ..authors.tokenizer import IMAGE_TOKEN_INDEX
 from ..errors import LlavaConvertError
@@ -82,15 +93,42 @@ def read_converted_config(path: Path) -> dict[str, Any]:
 
 
 def load_processor(path: Path):
-    """`AutoProcessor` of the converted checkpoint (tokenizer, image processor, chat template)."""
+    """`AutoProcessor` of the converted checkpoint (tokenizer, image processor, chat template); a
+    `LlavaOnevisionProcessor` without its video processor where torchvision (which that needs) is missing."""
     with quiet():
         try:
             return AutoProcessor.from_pretrained(str(path))
         except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable processors
+            if isinstance(e, ImportError) and _processor_class(path) == "LlavaOnevisionProcessor":
+                return _onevision_processor_without_video(path)
             first = str(e).split(". ")[0].split("\n")[0]
             raise LlavaConvertError(
                 f"{path}: cannot load the processor ({type(e).__name__}: {first})"
             ) from None
+
+
+def _processor_class(path: Path) -> str | None:
+    settings = path / "processor_config.json"
+    return read_json(settings).get("processor_class") if settings.is_file() else None
+
+
+def _onevision_processor_without_video(path: Path):
+    """`LlavaOnevisionProcessor` from the converted files, its video processor left out (images only)."""
+    settings = read_json(path / "processor_config.json")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # ProcessorMixin's constructor insists on every sub-processor: built without it, field by field.
+    proc = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    proc.tokenizer, proc.video_processor = tokenizer, None
+    proc.image_processor = AutoImageProcessor.from_pretrained(str(path))
+    template = path / "chat_template.jinja"
+    proc.chat_template = template.read_text() if template.is_file() else None
+    proc.num_image_tokens = settings["num_image_tokens"]
+    proc.vision_feature_select_strategy = settings["vision_feature_select_strategy"]
+    proc.vision_aspect_ratio = settings.get("vision_aspect_ratio", "anyres_max_9")
+    proc.image_token, proc.video_token = settings.get("image_token", "<image>"), settings.get("video_token", "<video>")
+    proc.image_token_id = tokenizer.convert_tokens_to_ids(proc.image_token)
+    proc.video_token_id = tokenizer.convert_tokens_to_ids(proc.video_token)
+    return proc
 
 
 class ConvertedModel:
@@ -126,7 +164,8 @@ class ConvertedModel:
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = inner.multi_modal_projector.register_forward_hook(self._capture_projector)
 
-    _ATTN = {"text_config": TEXT_ATTENTION, "vision_config": VISION_ATTENTION, "": TEXT_ATTENTION}
+    # The attention kernels the converted model runs with (the original side's CLIP tower uses the same).
+    ATTENTION = {"text_config": TEXT_ATTENTION, "vision_config": VISION_ATTENTION, "": TEXT_ATTENTION}
 
     def _load(self):
         if self.quant is not None:
@@ -143,7 +182,7 @@ class ConvertedModel:
         try:
             with quiet():
                 model, info = AutoModelForImageTextToText.from_pretrained(
-                    str(self.path), dtype=dtype, attn_implementation=self._ATTN, output_loading_info=True
+                    str(self.path), dtype=dtype, attn_implementation=self.ATTENTION, output_loading_info=True
                 )
         except LlavaConvertError:
             raise
@@ -158,7 +197,7 @@ class ConvertedModel:
         with quiet():
             cfg = AutoConfig.from_pretrained(str(self.path))
             with torch.device("meta"):
-                model = AutoModelForImageTextToText.from_config(cfg, attn_implementation=self._ATTN)
+                model = AutoModelForImageTextToText.from_config(cfg, attn_implementation=self.ATTENTION)
         refs = {hf_weight_name(k): r for k, r in read_checkpoint(self.path).items()}
         embed = "model.language_model.embed_tokens.weight"
         if "lm_head.weight" not in refs and cfg.get_text_config().tie_word_embeddings and embed in refs:
@@ -196,10 +235,33 @@ class ConvertedModel:
         gc_.update(**GREEDY, max_new_tokens=max_new_tokens, max_length=None)
         return gc_
 
+    def authors_decoding(
+        self, max_new_tokens: int, prompt_len: int, vocab: int | None
+    ) -> tuple[Any, LogitsProcessorList]:
+        """Greedy settings and logits processors that decode as the authors' `generate(inputs_embeds=...)` does:
+        their prompt is embeddings, so a `repetition_penalty` of the generation config sees the generated
+        tokens only; their model has VOCAB columns (`resize_token_embeddings(len(tokenizer))`), the converted
+        one may keep a padded vocabulary."""
+        gc_ = self.generation_config(max_new_tokens)
+        penalty = gc_.repetition_penalty
+        processors = LogitsProcessorList()
+        if penalty not in (None, 1.0):
+            gc_.repetition_penalty = None
+            processors.append(_GeneratedOnly(RepetitionPenaltyLogitsProcessor(penalty), prompt_len))
+        if vocab is not None:
+            processors.append(_FirstColumns(vocab))
+        return gc_, processors
+
     @torch.inference_mode()
     def run(
-        self, image: Image.Image, question: str, original_ids: list[int], max_new_tokens: int
+        self,
+        image: Image.Image,
+        question: str,
+        original_ids: list[int],
+        max_new_tokens: int,
+        vocab: int | None = None,
     ) -> ConvertedRun:
+        """One image through the converted model; greedy tokens decoded over the original's VOCAB columns."""
         prompt: str | None = None
         prompt_error: PromptError | None = None
         try:
@@ -209,6 +271,17 @@ class ConvertedModel:
         with quiet():
             text = prompt if prompt is not None else "<image>\n" + question
             inputs = self.processor(images=image, text=text, return_tensors="pt")
+        # Processor outputs the model does not name (an image processor of another class: OneVision's
+        # `batch_num_images` on a LlavaNext model) are dropped, and said: `generate(**inputs)` refuses them.
+        named = inspect.signature(self.model.forward).parameters
+        for key in [k for k in inputs if k not in named]:
+            del inputs[key]
+            note = (
+                f"the converted processor outputs {key!r}, which {type(self.model).__name__} does not take "
+                "(generate(**processor(...)) refuses it); left out here"
+            )
+            if note not in self.notes:
+                self.notes.append(note)
         ids = inputs["input_ids"][0].tolist()
         n_img = ids.count(self.image_token_id)
         run = ConvertedRun(
@@ -241,10 +314,9 @@ class ConvertedModel:
             run.vision_features = self._captured.get("vision")
             run.image_features = self._captured.get("projector")
             if max_new_tokens > 0:
+                settings, processors = self.authors_decoding(max_new_tokens, len(run.used_ids), vocab)
                 with quiet():
-                    gen = self.model.generate(
-                        **inputs, generation_config=self.generation_config(max_new_tokens)
-                    )
+                    gen = self.model.generate(**inputs, generation_config=settings, logits_processor=processors)
                 run.generated = gen[0, len(run.used_ids) :].tolist()
         except Exception as e:  # noqa: BLE001 - a converted model that cannot run is a failed check
             run.error = f"{type(e).__name__}: {e}".split("\n")[0]
@@ -259,6 +331,30 @@ class ConvertedModel:
         if self._streamer is not None:
             self._streamer.remove()
         self.model = None
+
+
+class _GeneratedOnly(LogitsProcessor):
+    """PROCESSOR applied to the generated tokens only (the ids after the first PROMPT_LEN)."""
+
+    def __init__(self, processor: LogitsProcessor, prompt_len: int):
+        self.processor, self.prompt_len = processor, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len :]
+        return self.processor(generated, scores) if generated.shape[1] else scores
+
+
+class _FirstColumns(LogitsProcessor):
+    """Only the first VOCAB columns can be chosen."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] > self.vocab:
+            scores = scores.clone()
+            scores[:, self.vocab :] = -float("inf")
+        return scores
 
 
 def collapse_image_tokens(ids: list[int], image_id: int) -> list[int]:

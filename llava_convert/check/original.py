@@ -11,9 +11,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..authors.config import authors_siglip_fields
+from ..authors.images import expand_pinpoints
 from ..authors.templates import authors_prompt, choose_chat_template
 from ..authors.tokenizer import IMAGE_TOKEN_INDEX, authors_added_tokens, tokenizer_load_kwargs
 from ..errors import LlavaConvertError
+from ..original import open_original
 from ..original.merge import read_tensors
 from ..readers import read_checkpoint
 from ..reference import ImageStages, ReferenceModel, clip_vision_state
@@ -114,7 +117,8 @@ _MERGES = {  # form -> (the part, what it does)
 def shared_parts(ref: ReferenceModel) -> list[SharedPart]:
     """The parts of REF's side that run the converter's own code: a bug there shows on both sides alike, so
     the check passes over it. Always the authors/ templates and tokenizer rules and the CLIP tower's key table; for a LoRA adapter,
-    a projector-only checkpoint or delta weights also the merge that builds the authors' loader's model."""
+    a projector-only checkpoint or delta weights also the merge that builds the authors' loader's model; for
+    the LLaVA-NeXT families also their recognition, SigLIP tower description and pinpoint range reading."""
     parts = []
     if ref.ckpt.form in _MERGES:
         part, what = _MERGES[ref.ckpt.form]
@@ -135,6 +139,16 @@ def shared_parts(ref: ReferenceModel) -> list[SharedPart]:
             f"tokens from the same authors/ package, so a mistake there is not caught here; {_ORACLE}",
         )
     )
+    if ref.ckpt.family:
+        parts.append(
+            SharedPart(
+                "the LLaVA-NeXT family's reading",
+                tuple(_qualname(f) for f in (open_original, authors_siglip_fields, expand_pinpoints)),
+                "both sides recognise the family (its template, SigLIP or CLIP), describe the SigLIP tower minus "
+                "its last layer and expand range pinpoints with the same code, so a mistake there is not caught "
+                f"here; {_ORACLE}",
+            )
+        )
     parts.append(
         SharedPart(
             "the CLIP tower's key names",
