@@ -336,8 +336,14 @@ def build_next_processor(
     if ckpt.architecture == "llava":  # the pretrain stage's square images: resized whole (no tiles, no pad)
         kw = {**siglip, "do_center_crop": False} if ckpt.siglip else _image_kwargs(tower)
         image_processor = LlavaImageProcessor(do_pad=False, **kw)
-    elif ckpt.siglip:
+    elif ckpt.architecture == "llava_onevision":
         image_processor = LlavaOnevisionImageProcessor(image_grid_pinpoints=hf_config["image_grid_pinpoints"], **siglip)
+    elif ckpt.siglip:  # Interleave: LlavaNext's tiling with SigLIP's square resize (its outputs are what
+        # LlavaNextForConditionalGeneration takes; OneVision's processor adds `batch_num_images`, which it refuses)
+        image_processor = LlavaNextImageProcessor(
+            image_grid_pinpoints=hf_config["image_grid_pinpoints"], do_center_crop=False,
+            crop_size=dict(siglip["size"]), **siglip,
+        )
     else:
         image_processor = LlavaNextImageProcessor(
             image_grid_pinpoints=hf_config["image_grid_pinpoints"], **_image_kwargs(tower)

@@ -168,6 +168,8 @@ def parity(out: Path, ref: dict, vision_attention: str = "eager") -> dict[str, d
         with torch.no_grad():
             logits = model(**inputs).logits[0, :, :n_vocab]
             gen = greedy_authors_way(model, inputs, ref["max_new_tokens"], gen_cfg, n_vocab)
+            # What a user runs: every processor output is an argument generate() accepts.
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
         same_pixels = tuple(pv.shape) == tuple(pv_ref.shape)
         report[name] = {
             "ids_equal": collapse_image_tokens(ids, image_id) == r["input_ids"].tolist(),
