@@ -23,29 +23,35 @@ def oracle_python() -> Path:
     return Path(os.environ.get("LLAVA_ORACLE_PYTHON", REPO / ".venv-oracle" / "bin" / "python"))
 
 
-@pytest.fixture(scope="session")
-def oracle_root(tmp_path_factory) -> Path:
-    """Build every oracle case once per session with the authors' code and return the root folder.
-
-    LLAVA_ORACLE_ROOT names a root that make_reference.py already wrote (to iterate without rebuilding)."""
-    if os.environ.get("LLAVA_ORACLE_ROOT"):
-        return Path(os.environ["LLAVA_ORACLE_ROOT"])
-    py = oracle_python()
-    if not py.exists():
+def _oracle_root(tmp_path_factory, *, root_env: str, python: Path, python_env: str, script: str,
+                 builder: str, timeout: int) -> Path:
+    """The root ROOT_ENV names (a root the builder already wrote, to iterate without rebuilding), else one
+    built now with the authors' code: PYTHON runs `tests/BUILDER/make_reference.py --out ROOT`."""
+    if os.environ.get(root_env):
+        return Path(os.environ[root_env])
+    if not python.exists():
         pytest.fail(
-            f"oracle interpreter {py} not found: run .ci/run (or set LLAVA_ORACLE_PYTHON), "
+            f"{builder} interpreter {python} not found: run {script} (or set {python_env}), "
             "or deselect this tier with -m 'not oracle'"
         )
-    root = tmp_path_factory.mktemp("oracle")
+    root = tmp_path_factory.mktemp(builder)
     proc = subprocess.run(
-        [str(py), str(HERE / "oracle" / "make_reference.py"), "--out", str(root)],
+        [str(python), str(HERE / builder / "make_reference.py"), "--out", str(root)],
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=timeout,
     )
     if proc.returncode != 0:
-        pytest.fail(f"make_reference.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"{builder}/make_reference.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return root
+
+
+@pytest.fixture(scope="session")
+def oracle_root(tmp_path_factory) -> Path:
+    """Every haotian-liu/LLaVA oracle case, built once per session (or LLAVA_ORACLE_ROOT)."""
+    return _oracle_root(tmp_path_factory, root_env="LLAVA_ORACLE_ROOT", python=oracle_python(),
+                        python_env="LLAVA_ORACLE_PYTHON", script="scripts/envs/20-oracle.sh", builder="oracle",
+                        timeout=1800)
 
 
 def oracle_next_python() -> Path:
@@ -55,27 +61,10 @@ def oracle_next_python() -> Path:
 
 @pytest.fixture(scope="session")
 def oracle_next_root(tmp_path_factory) -> Path:
-    """Build every LLaVA-NeXT-family case once per session with the authors' code; return the root folder.
-
-    LLAVA_ORACLE_NEXT_ROOT names a root that make_reference.py already wrote (to iterate without rebuilding)."""
-    if os.environ.get("LLAVA_ORACLE_NEXT_ROOT"):
-        return Path(os.environ["LLAVA_ORACLE_NEXT_ROOT"])
-    py = oracle_next_python()
-    if not py.exists():
-        pytest.fail(
-            f"oracle-next interpreter {py} not found: run scripts/envs/25-oracle-next.sh (or set LLAVA_ORACLE_NEXT_PYTHON), "
-            "or deselect this tier with -m 'not oracle'"
-        )
-    root = tmp_path_factory.mktemp("oracle_next")
-    proc = subprocess.run(
-        [str(py), str(HERE / "oracle_next" / "make_reference.py"), "--out", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"oracle_next/make_reference.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return root
+    """Every LLaVA-NeXT-repository oracle case, built once per session (or LLAVA_ORACLE_NEXT_ROOT)."""
+    return _oracle_root(tmp_path_factory, root_env="LLAVA_ORACLE_NEXT_ROOT", python=oracle_next_python(),
+                        python_env="LLAVA_ORACLE_NEXT_PYTHON", script="scripts/envs/25-oracle-next.sh",
+                        builder="oracle_next", timeout=3600)
 
 
 @pytest.fixture(scope="session")

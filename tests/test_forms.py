@@ -25,6 +25,7 @@ from builders import (
     write_projector,
 )
 from click.testing import CliRunner
+from memwatch import convert_growth
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -627,9 +628,6 @@ def test_hub_id_not_cached_offline(tmp_path, hub_cache):
 def test_lora_merge_memory_bounded_by_largest_tensor(tmp_path):
     """A LoRA merge over a ~200 MB base (one shard, largest tensor 4 MB, every linear layer adapted):
     anonymous memory grows by about 3x the largest tensor (its float32 merge + the cast), not with the model."""
-    import subprocess
-    import sys
-    import textwrap
 
     from test_memory import MB, _big_checkpoint
 
@@ -661,22 +659,7 @@ def test_lora_merge_memory_bounded_by_largest_tensor(tmp_path):
     torch.save({"base_model.model.model." + k[len("model."):]: v for k, v in sd.items() if "mm_projector" in k},
                lora / "non_lora_trainables.bin")
     out = tmp_path / "out"
-    here = __import__("pathlib").Path(__file__).parent
-    script = textwrap.dedent(
-        f"""
-        import sys, json
-        sys.path.insert(0, {str(here)!r})
-        from memwatch import PeakAnon
-        from llava_convert.convert import convert, plan_conversion
-        plan_conversion({str(lora)!r}, base={str(base)!r})  # warm imports and caches outside the measured window
-        with PeakAnon() as m:
-            convert({str(lora)!r}, {str(out)!r}, base={str(base)!r}, progress=False)
-        print(json.dumps({{"growth": m.growth}}))
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
+    growth = convert_growth(lora, out, base=base)
     bound = 3 * largest + 64 * MB
     print(f"LoRA merge: growth {growth / MB:.1f} MB, largest tensor {largest / MB:.0f} MB, model {total / MB:.0f} MB")
     assert growth < bound, f"anonymous memory grew {growth / MB:.1f} MB (bound {bound / MB:.1f} MB)"

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from builders import write_state
+from memwatch import convert_growth
 
 MB = 1 << 20
 
@@ -58,21 +55,7 @@ def test_peak_anonymous_memory_bounded_by_largest_tensor(tmp_path, fmt, dtype):
     ckpt, total, largest = _big_checkpoint(tmp_path, fmt)
     assert total > 180 * MB and largest == 4 * MB
     out = tmp_path / "out"
-    script = textwrap.dedent(
-        f"""
-        import sys, json
-        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
-        from memwatch import PeakAnon
-        from llava_convert.convert import convert, plan_conversion
-        plan_conversion({str(ckpt)!r})  # warm imports and caches outside the measured window
-        with PeakAnon() as m:
-            convert({str(ckpt)!r}, {str(out)!r}, dtype={dtype!r}, progress=False)
-        print(json.dumps({{"growth": m.growth}}))
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
+    growth = convert_growth(ckpt, out, dtype=dtype)
     itemsize_ratio = 2 if dtype == "float32" else 1
     bound = 3 * largest * itemsize_ratio + 64 * MB
     print(f"growth {growth / MB:.1f} MB")
@@ -97,27 +80,12 @@ def test_peak_memory_bounded_for_onevision_checkpoint(tmp_path):
                            intermediate_size=inter, num_hidden_layers=layers, max_window_layers=layers,
                            vocab_size=vocab, v_hidden=64)
     out = tmp_path / "out"
-    script = textwrap.dedent(
-        f"""
-        import sys, json
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from memwatch import PeakAnon
-        from llava_convert.convert import convert, plan_conversion
-        plan = plan_conversion({str(ckpt)!r})  # warm imports and caches outside the measured window
-        assert plan.config["architectures"] == ["LlavaOnevisionForConditionalGeneration"], plan.config
-        with PeakAnon() as m:
-            convert({str(ckpt)!r}, {str(out)!r}, progress=False)
-        print(json.dumps({{"growth": m.growth}}))
-        """
-    )
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
+    growth = convert_growth(ckpt, out, env=dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1"))
     bound = 3 * largest + 64 * MB
     print(f"growth {growth / MB:.1f} MB")
     assert growth < bound, f"anonymous memory grew {growth / MB:.1f} MB (bound {bound / MB:.1f} MB, model {total / MB:.0f} MB)"
     assert growth < total / 2
     cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaOnevisionForConditionalGeneration"], cfg
     assert cfg["vision_config"]["num_hidden_layers"] == 2 and cfg["vision_aspect_ratio"] == "anyres_max_9"
     assert len(cfg["image_grid_pinpoints"]) == 36
